@@ -1,0 +1,33 @@
+# The bap-engine orchestrator (control plane), installed from source into /opt/venv.
+# Build with scripts/build-images.sh: it stages a small context (pyproject.toml, README.md, src/ and,
+# when the host's pip uses a custom CA bundle, that bundle as build-ca.crt). Dependencies come from
+# PyPI at build time. With a registry: --build-arg BASE_IMAGE=python:3.11-slim-bookworm
+ARG BASE_IMAGE=local/python:3.11-bookworm
+
+FROM ${BASE_IMAGE} AS build
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+# Dependencies first, in their own layer, so editing src/ does not re-download them.
+# `build-ca.cr[t]` is optional: the wildcard lets the build go on without it. It stays in this stage.
+COPY pyproject.toml README.md build-ca.cr[t] /build/
+RUN if [ -s /build/build-ca.crt ]; then export PIP_CERT=/build/build-ca.crt; fi \
+    && python3 -m venv /opt/venv \
+    && python3 -c "import tomllib; d = tomllib.load(open('/build/pyproject.toml', 'rb')); \
+print('\n'.join(d['project']['dependencies']))" >/build/requirements.txt \
+    && /opt/venv/bin/pip install -r /build/requirements.txt
+COPY src/ /build/src/
+RUN if [ -s /build/build-ca.crt ]; then export PIP_CERT=/build/build-ca.crt; fi \
+    && /opt/venv/bin/pip install --no-deps /build
+
+FROM ${BASE_IMAGE}
+COPY --from=build /opt/venv /opt/venv
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PATH=/opt/venv/bin:$PATH \
+    ORCH_HOST=0.0.0.0 \
+    ORCH_PORT=8000 \
+    ORCH_ENGINE_BACKEND=docker \
+    ORCH_DATA_DIR=/var/lib/bap-engine
+VOLUME ["/var/lib/bap-engine"]
+EXPOSE 8000
+STOPSIGNAL SIGTERM
+CMD ["bap-engine", "serve"]

@@ -1,0 +1,1 @@
+"""HTTP layer: routes, request models, the error envelope and auth dependencies."""

@@ -1,0 +1,88 @@
+"""Dependencies: the services built by the app, and auth, as `Annotated` aliases."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from fastapi import Depends, Header, Path, Request
+
+from bap_engine.api.models import USER_ID_PATTERN
+from bap_engine.discovery import Discovery
+from bap_engine.errors import ValidationFailed
+from bap_engine.fleet import Fleet
+from bap_engine.lifecycle import Lifecycle
+from bap_engine.registry import ProductRow
+
+__all__ = [
+    "Services", "LifecycleDep", "DiscoveryDep", "FleetDep", "ProductDep", "AdminDep", "UserIdDep",
+    "ServicesDep", "check_user_id",
+]
+
+
+@dataclass
+class Services:
+    lifecycle: Lifecycle
+    discovery: Discovery
+    fleet: Fleet
+    ready: Callable[[], Awaitable[bool]]
+    extras: dict[str, object] = field(default_factory=dict)
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+def get_lifecycle(services: ServicesDep) -> Lifecycle:
+    return services.lifecycle
+
+
+def get_discovery(services: ServicesDep) -> Discovery:
+    return services.discovery
+
+
+def get_fleet(services: ServicesDep) -> Fleet:
+    return services.fleet
+
+
+LifecycleDep = Annotated[Lifecycle, Depends(get_lifecycle)]
+DiscoveryDep = Annotated[Discovery, Depends(get_discovery)]
+FleetDep = Annotated[Fleet, Depends(get_fleet)]
+
+_USER_ID = re.compile(USER_ID_PATTERN)
+
+
+def check_user_id(user_id: str) -> str:
+    """Raises ValidationFailed unless user_id matches the contract's pattern."""
+    if not _USER_ID.fullmatch(user_id):
+        raise ValidationFailed("user_id must match ^[A-Za-z0-9][A-Za-z0-9._@:-]{0,127}$")
+    return user_id
+
+
+def get_user_id(user_id: Annotated[str, Path(description="the product's user id")]) -> str:
+    return check_user_id(user_id)
+
+
+UserIdDep = Annotated[str, Depends(get_user_id)]
+
+
+async def get_product(
+    fleet: FleetDep, x_platform_key: Annotated[str | None, Header(include_in_schema=True)] = None
+) -> ProductRow:
+    return await fleet.authenticate(x_platform_key)
+
+
+ProductDep = Annotated[ProductRow, Depends(get_product)]
+
+
+def require_admin(fleet: FleetDep, x_admin_key: Annotated[str | None, Header()] = None) -> None:
+    fleet.check_admin(x_admin_key)
+
+
+AdminDep = Annotated[None, Depends(require_admin)]

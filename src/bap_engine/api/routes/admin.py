@@ -1,0 +1,42 @@
+"""Admin routes (X-Admin-Key): product registration and policy."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from bap_engine.api.deps import AdminDep, FleetDep
+from bap_engine.api.models import ErrorOut, PolicyBody, RegisterBody
+from bap_engine.api.responses import JSON
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["admin"])
+_ERRORS: dict[int | str, dict[str, object]] = {c: {"model": ErrorOut} for c in (400, 401, 404, 409)}
+
+
+@router.post("/products/register", responses=_ERRORS)
+async def register(body: RegisterBody, _: AdminDep, fleet: FleetDep) -> JSON:
+    """Register a product; its platform key is shown once."""
+    product, key = await fleet.register_product(body.slug, body.display_name, body.policy)
+    return JSON({"product_id": product.id, "slug": product.slug, "platform_api_key": key})
+
+
+@router.put("/products/{product_id}/policy", responses=_ERRORS)
+async def set_policy(product_id: str, body: PolicyBody, _: AdminDep, fleet: FleetDep) -> JSON:
+    """Replace the whole policy (tightening max_engines destroys nothing)."""
+    from bap_engine.errors import ProductNotFound
+
+    if not _is_uuid(product_id):
+        raise ProductNotFound()
+    product = await fleet.update_policy(product_id, body.policy)
+    return JSON({"policy": product.policy})
+
+
+def _is_uuid(value: str) -> bool:
+    import uuid
+
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True

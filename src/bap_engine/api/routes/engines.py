@@ -1,0 +1,112 @@
+"""Engine lifecycle, discovery and admission routes (X-Platform-Key)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import orjson
+from fastapi import APIRouter, Header, Request
+from pydantic import ValidationError
+
+from bap_engine.api.deps import DiscoveryDep, LifecycleDep, ProductDep, UserIdDep, check_user_id
+from bap_engine.api.models import AdmitBody, AdmitOut, EngineOut, ErrorOut, ProvisionBody, iso
+from bap_engine.api.responses import JSON
+from bap_engine.errors import InvalidPlatformKey, ValidationFailed
+from bap_engine.lifecycle import EngineView
+
+__all__ = ["router", "engine_json"]
+
+router = APIRouter(tags=["engines"])
+
+_ERRORS: dict[int | str, dict[str, object]] = {
+    code: {"model": ErrorOut} for code in (400, 401, 404, 409, 429, 502, 503, 504)
+}
+
+
+def engine_json(v: EngineView, *, with_key: bool = True) -> dict[str, object]:
+    out: dict[str, object] = {"engine_id": v.engine_id, "user_id": v.user_id, "status": v.status, "url": v.url}
+    if with_key:
+        out["api_key"] = v.api_key
+    out.update(engine_version=v.engine_version, created_at=iso(v.created_at), last_health_at=iso(v.last_health_at))
+    return out
+
+
+@router.post("/engines/provision", responses=_ERRORS)
+async def provision(body: ProvisionBody, product: ProductDep, lifecycle: LifecycleDep) -> JSON:
+    """Provision the user's engine and wait until it is healthy."""
+    check_user_id(body.user_id)
+    row, key = await lifecycle.provision(product, body.user_id, body.engine_version, actor=product.slug)
+    return JSON({"engine_id": row.id, "user_id": row.user_id, "status": "running", "url": row.url,
+                           "api_key": key})
+
+
+@router.delete("/engines/{user_id}", responses=_ERRORS)
+async def destroy(user_id: UserIdDep, product: ProductDep, lifecycle: LifecycleDep) -> JSON:
+    """Remove the engine, its data volume, its port and its row."""
+    engine_id = await lifecycle.destroy(product, user_id, actor=product.slug)
+    return JSON({"status": "destroyed", "engine_id": engine_id})
+
+
+@router.post("/engines/{user_id}/start", responses=_ERRORS)
+async def start(user_id: UserIdDep, product: ProductDep, lifecycle: LifecycleDep) -> JSON:
+    """Start a stopped, sleeping or failed engine and wait until healthy."""
+    row = await lifecycle.start(product, user_id, actor=product.slug)
+    return JSON({"status": "running", "url": row.url, "engine_id": row.id})
+
+
+@router.post("/engines/{user_id}/stop", responses=_ERRORS)
+async def stop(user_id: UserIdDep, product: ProductDep, lifecycle: LifecycleDep) -> JSON:
+    """SIGTERM, grace, SIGKILL; data kept."""
+    row = await lifecycle.stop(product, user_id, actor=product.slug)
+    return JSON({"status": "stopped", "engine_id": row.id})
+
+
+@router.post("/engines/{user_id}/rotate-key", responses=_ERRORS)
+async def rotate_key(user_id: UserIdDep, product: ProductDep, lifecycle: LifecycleDep) -> JSON:
+    """Give the running engine a new key (the old one works for the overlap window)."""
+    row, key = await lifecycle.rotate_key(product, user_id, actor=product.slug)
+    return JSON({"engine_id": row.id, "user_id": row.user_id, "status": str(row.status),
+                           "url": row.url, "api_key": key})
+
+
+@router.get("/engines/{user_id}", response_model=EngineOut, responses=_ERRORS)
+async def get_engine(user_id: UserIdDep, product: ProductDep, lifecycle: LifecycleDep) -> JSON:
+    """The user's engine with its key; never provisions."""
+    return JSON(engine_json(await lifecycle.engine_view(product, user_id)))
+
+
+_ADMIT_BODY = {"requestBody": {"required": False, "content": {"application/json": {
+    "schema": AdmitBody.model_json_schema()}}}}
+
+
+def _admit_options(raw: bytes) -> AdmitBody:
+    """Parse the admit body by hand: empty is allowed, any content type is read as JSON."""
+    if not raw.strip():
+        return AdmitBody()
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise ValidationFailed("request body is not valid JSON") from None
+    if not isinstance(doc, dict):
+        raise ValidationFailed("request body must be a JSON object")
+    try:
+        return AdmitBody.model_validate(doc)
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise ValidationFailed(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+
+
+@router.post("/engines/{user_id}/admit", response_model=AdmitOut, responses=_ERRORS, openapi_extra=_ADMIT_BODY)
+async def admit(
+    request: Request, user_id: UserIdDep, discovery: DiscoveryDep,
+    x_platform_key: Annotated[str | None, Header()] = None,
+) -> JSON:
+    """Rate limit → lookup → auto-provision or auto-wake → answer."""
+    if not x_platform_key:
+        raise InvalidPlatformKey()
+    opts = _admit_options(await request.body())
+    result = await discovery.admit(x_platform_key, user_id, auto_provision=opts.auto_provision,
+                                   auto_wake=opts.auto_wake)
+    if result.admitted and result.engine is not None:
+        return JSON({"admitted": True, "engine": engine_json(result.engine)})
+    return JSON({"admitted": False, "engine": None, "reason": result.reason})

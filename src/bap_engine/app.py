@@ -1,0 +1,179 @@
+"""The composition root: picks the backend, builds the services, starts the workers.
+
+`create_app(settings)` is the FastAPI factory (uvicorn --factory passes nothing, so the
+settings are then read from the environment). Nothing is built at import.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+
+from bap_engine.api.deps import Services
+from bap_engine.api.errors import envelope, install_error_handlers
+from bap_engine.api.routes import admin, engines, fleet, health
+from bap_engine.backends.base import BackendError, EngineBackend
+from bap_engine.config import Settings, ensure_secrets, load_settings
+from bap_engine.db import migrate
+from bap_engine.db.embedded import embedded_postgres
+from bap_engine.db.pool import create_pool
+from bap_engine.discovery import Discovery
+from bap_engine.fleet import Fleet
+from bap_engine.keys import KeySealer
+from bap_engine.lifecycle import Lifecycle
+from bap_engine.lifecycle.owner import OwnerLock
+from bap_engine.policy import RateLimiter
+from bap_engine.workers.leader import run_workers
+
+__all__ = ["create_app", "build_backend", "engine_env", "database", "register_product"]
+
+log = logging.getLogger("bap_engine")
+MAX_BODY = 64 * 1024
+
+
+def build_backend(settings: Settings) -> EngineBackend:
+    """The configured engine runtime (imports only the one in use)."""
+    if settings.engine_backend == "docker":
+        from bap_engine.backends.docker import DockerBackend, DockerConfig
+
+        return DockerBackend(DockerConfig(deployment=settings.deployment, network=settings.engine_network,
+                                          catalog_mount_path=settings.catalog_mount_path))
+    if settings.engine_backend == "kubernetes":
+        from bap_engine.backends.kubernetes import KubernetesBackend, KubernetesConfig
+
+        return KubernetesBackend(KubernetesConfig(
+            namespace=settings.k8s_namespace, storage_class=settings.k8s_storage_class,
+            url_mode=settings.k8s_url_mode, deployment=settings.deployment, kubeconfig=settings.kubeconfig))
+    from bap_engine.backends.subprocess import SubprocessBackend, SubprocessConfig
+
+    return SubprocessBackend(SubprocessConfig(data_dir=settings.data_dir.resolve(), command=settings.engine_argv,
+                                              deployment=settings.deployment))
+
+
+def engine_env(settings: Settings) -> dict[str, str]:
+    """Env every engine gets (besides its key hash): data path, catalog, passthrough."""
+    env = {"SQLITE_DB_PATH": "/data/brain.sqlite"}
+    if settings.catalog_mount_path:
+        env["CATALOG_DIR"] = "/catalog"
+    for name in settings.passthrough_names:
+        if name in os.environ:
+            env[name] = os.environ[name]
+    return env
+
+
+async def _check_backend(backend: EngineBackend) -> None:
+    ping = getattr(backend, "ping", None)
+    if ping is not None:
+        try:
+            await ping()
+        except BackendError as err:
+            raise RuntimeError(f"engine backend {backend.name} unreachable: {err.message}") from None
+
+
+@contextlib.asynccontextmanager
+async def database(settings: Settings) -> AsyncIterator[str]:
+    if settings.database_url:
+        yield settings.database_url
+    else:
+        async with embedded_postgres(settings.data_dir) as dsn:
+            yield dsn
+
+
+@contextlib.asynccontextmanager
+async def build_services(settings: Settings) -> AsyncIterator[Services]:
+    """Everything the API and the workers need, torn down in reverse order."""
+    async with contextlib.AsyncExitStack() as stack:
+        dsn = await stack.enter_async_context(database(settings))
+        await migrate.upgrade(dsn)
+        head = migrate.head_revision()
+        pool = await create_pool(dsn)
+        stack.push_async_callback(pool.close)
+        owner = OwnerLock(dsn)
+        owner_id = await owner.acquire()
+        stack.push_async_callback(owner.release)
+        backend = build_backend(settings)
+        stack.push_async_callback(backend.close)
+        await _check_backend(backend)
+        assert settings.master_key and settings.admin_key
+        lifecycle = Lifecycle(pool, backend, settings, KeySealer(settings.master_key), owner_id, engine_env(settings))
+        limiter = RateLimiter(pool)
+        stack.push_async_callback(limiter.release_all)
+        discovery = Discovery(pool, lifecycle, limiter)
+
+        async def ready() -> bool:
+            try:
+                async with pool.acquire(timeout=2) as conn:
+                    return await migrate.is_current(conn, head)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+                return False
+
+        services = Services(lifecycle, discovery, Fleet(pool, settings.admin_key), ready,
+                            extras={"dsn": dsn, "settings": settings, "pool": pool})
+        stop = asyncio.Event()
+        flusher = asyncio.create_task(discovery.run_flusher(settings.activity_flush_s, stop), name="flusher")
+
+        async def _stop_flusher() -> None:
+            stop.set()
+            await flusher
+
+        stack.push_async_callback(_stop_flusher)
+        yield services
+
+
+async def register_product(
+    settings: Settings, slug: str, display_name: str, policy: dict[str, object]
+) -> tuple[str, str]:
+    """For the CLI: register directly in the database. Returns (product id, platform key)."""
+    assert settings.admin_key
+    async with database(settings) as dsn:
+        await migrate.upgrade(dsn)
+        pool = await create_pool(dsn, max_size=2)
+        try:
+            product, key = await Fleet(pool, settings.admin_key).register_product(slug, display_name, policy)
+        finally:
+            await pool.close()
+    return product.id, key
+
+
+class _BodyLimit(BaseHTTPMiddleware):
+    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
+            return envelope(413, "PAYLOAD_TOO_LARGE", f"request body exceeds {MAX_BODY} bytes")
+        return await call_next(request)
+
+
+async def _db_down(request: Request, exc: Exception) -> Response:
+    return envelope(503, "SERVICE_UNAVAILABLE", "database unavailable")
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = ensure_secrets(settings or load_settings())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        async with build_services(settings) as services:
+            app.state.services = services
+            async with run_workers(services, settings):
+                yield {}
+
+    app = FastAPI(title="bap-engine", version="0.1.0", lifespan=lifespan,
+                  description="Control plane that runs one AI-agent engine per user.")
+    app.state.settings = settings
+    install_error_handlers(app)
+    for exc in (asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError,
+                asyncpg.InterfaceError, ConnectionError):
+        app.add_exception_handler(exc, _db_down)
+    app.add_middleware(_BodyLimit)
+    for module in (health, engines, fleet, admin):
+        app.include_router(module.router)
+    return app

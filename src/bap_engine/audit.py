@@ -1,0 +1,114 @@
+"""Audit log: writes and queries of `audit_log`.
+
+Takes the caller's connection (so a row commits with its state change), never commits,
+never calls a backend. Metadata must never contain a key: callers pass ids and reasons.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import asyncpg
+
+from bap_engine.states import AuditAction
+
+__all__ = ["AuditRow", "Denial", "write", "write_many", "add_denials", "metrics", "recent"]
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRow:
+    id: int
+    timestamp: datetime
+    product_id: str | None
+    user_id: str | None
+    engine_id: str | None
+    action: str
+    actor: str
+    metadata: dict[str, object]
+    duration_ms: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Denial:
+    """`count` denials of one product for one reason within the minute `minute`."""
+
+    product_id: str
+    reason: str
+    minute: datetime
+    count: int
+    actor: str
+
+
+_INSERT = (
+    "INSERT INTO audit_log (product_id, user_id, engine_id, action, actor, metadata, duration_ms) "
+    "VALUES ($1, $2, $3, $4, $5, $6, $7)"
+)
+
+
+async def write(
+    conn: asyncpg.Connection, action: AuditAction, *, product_id: str | None = None,
+    user_id: str | None = None, engine_id: str | None = None, actor: str = "system",
+    metadata: dict[str, object] | None = None, duration_ms: int | None = None,
+) -> None:
+    await conn.execute(_INSERT, product_id, user_id, engine_id, str(action), actor, metadata or {}, duration_ms)
+
+
+async def write_many(conn: asyncpg.Connection, rows: Sequence[tuple[object, ...]]) -> None:
+    """Rows as (product_id, user_id, engine_id, action, actor, metadata, duration_ms)."""
+    if rows:
+        await conn.executemany(_INSERT, [(r[0], r[1], r[2], str(r[3]), *r[4:]) for r in rows])
+
+
+async def add_denials(conn: asyncpg.Connection, denials: Sequence[Denial]) -> None:
+    """Coalesce denials: one row per product, reason and minute carrying a count."""
+    if not denials:
+        return
+    await conn.executemany(
+        "INSERT INTO audit_log (timestamp, product_id, action, actor, metadata) "
+        "VALUES ($1, $2, 'admit_denied', $3, jsonb_build_object('reason', $4::text, 'count', $5::int)) "
+        "ON CONFLICT (product_id, (metadata->>'reason'), timestamp) WHERE action = 'admit_denied' "
+        "DO UPDATE SET metadata = jsonb_set(audit_log.metadata, '{count}', "
+        "to_jsonb((audit_log.metadata->>'count')::int + (EXCLUDED.metadata->>'count')::int))",
+        [(d.minute, d.product_id, d.actor, d.reason, d.count) for d in denials],
+    )
+
+
+async def metrics(conn: asyncpg.Connection, product_id: str) -> dict[str, object]:
+    """The rolling-hour figures of GET /metrics, from the audit log."""
+    r = await conn.fetchrow(
+        "SELECT "
+        "count(*) FILTER (WHERE action = 'provision' AND timestamp > now() - interval '1 hour') AS p1h, "
+        "count(*) FILTER (WHERE action = 'health_failed' AND timestamp > now() - interval '1 hour') AS c1h, "
+        "count(*) FILTER (WHERE action = 'auto_restart_start' AND timestamp > now() - interval '1 hour') AS r1h, "
+        "avg(duration_ms) FILTER (WHERE action = 'provision' AND timestamp > now() - interval '1 hour') AS boot, "
+        "count(*) FILTER (WHERE action = 'provision') AS tp, "
+        "count(*) FILTER (WHERE action = 'destroy') AS td "
+        "FROM audit_log WHERE product_id = $1 AND action IN "
+        "('provision', 'health_failed', 'auto_restart_start', 'destroy')",
+        product_id,
+    )
+    return {
+        "provisions_1h": int(r["p1h"]),
+        "crashes_1h": int(r["c1h"]),
+        "restarts_1h": int(r["r1h"]),
+        "avg_boot_ms": None if r["boot"] is None else round(float(r["boot"]), 1),
+        "total_provisions": int(r["tp"]),
+        "total_destroys": int(r["td"]),
+    }
+
+
+async def recent(
+    conn: asyncpg.Connection, product_id: str | None = None, limit: int = 100,
+    action: str | None = None, after_id: int = 0,
+) -> list[AuditRow]:
+    """Newest first (or, with after_id, the rows after it oldest first, for tailing)."""
+    order = "ASC" if after_id else "DESC"
+    rows = await conn.fetch(
+        "SELECT id, timestamp, product_id, user_id, engine_id, action, actor, metadata, duration_ms "
+        "FROM audit_log WHERE ($1::uuid IS NULL OR product_id = $1) AND ($2::text IS NULL OR action = $2) "
+        f"AND id > $3 ORDER BY id {order} LIMIT $4",
+        product_id, action, after_id, limit,
+    )
+    return [AuditRow(**dict(r)) for r in rows]

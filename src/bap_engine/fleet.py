@@ -1,0 +1,126 @@
+"""Fleet: products, their engines in aggregate, status, metrics and the audit trail.
+
+Read-mostly service over the registry and the audit log; product registration and
+policy changes are written here with their audit rows.
+"""
+
+from __future__ import annotations
+
+import hmac
+import uuid
+
+import asyncpg
+
+from bap_engine import audit, registry
+from bap_engine.audit import AuditRow
+from bap_engine.errors import InvalidAdminKey, InvalidPlatformKey, ProductNotFound, ProductSlugExists
+from bap_engine.keys import hash_key, new_platform_key
+from bap_engine.lifecycle import EngineView, view
+from bap_engine.policy import parse_policy
+from bap_engine.registry import ProductRow
+from bap_engine.states import AuditAction, EngineState
+
+__all__ = ["Fleet", "health_of"]
+
+
+def health_of(total: int, failed: int) -> str:
+    """ok with no failed engine, critical at >= 10 % failed (and >= 1), else degraded."""
+    if failed == 0:
+        return "ok"
+    return "critical" if failed * 10 >= total else "degraded"
+
+
+class Fleet:
+    def __init__(self, pool: asyncpg.Pool, admin_key: str) -> None:
+        self._pool = pool
+        self._admin_key = admin_key
+
+    def check_admin(self, key: str | None) -> None:
+        """Raises InvalidAdminKey."""
+        if not key or not hmac.compare_digest(key.encode(), self._admin_key.encode()):
+            raise InvalidAdminKey()
+
+    async def authenticate(self, platform_key: str | None) -> ProductRow:
+        """The product owning this platform key. Raises InvalidPlatformKey."""
+        if not platform_key:
+            raise InvalidPlatformKey()
+        async with self._pool.acquire() as conn:
+            product = await registry.get_product_by_key_hash(conn, hash_key(platform_key))
+        if product is None:
+            raise InvalidPlatformKey()
+        return product
+
+    async def register_product(
+        self, slug: str, display_name: str, policy: dict[str, object]
+    ) -> tuple[ProductRow, str]:
+        """Returns (product, platform key shown once). Raises ProductSlugExists, ValidationFailed."""
+        parse_policy(policy)
+        key = new_platform_key()
+        async with self._pool.acquire() as conn, conn.transaction():
+            product = await registry.insert_product(conn, str(uuid.uuid4()), slug, display_name, hash_key(key), policy)
+            if product is None:
+                raise ProductSlugExists()
+            await audit.write(conn, AuditAction.POLICY_REGISTER, product_id=product.id, actor="admin",
+                              metadata={"slug": slug, "policy": policy})
+        return product, key
+
+    async def update_policy(self, product_id: str, policy: dict[str, object]) -> ProductRow:
+        """Replace the whole policy. Raises ProductNotFound, ValidationFailed."""
+        parse_policy(policy)
+        async with self._pool.acquire() as conn, conn.transaction():
+            product = await registry.set_policy(conn, product_id, policy)
+            if product is None:
+                raise ProductNotFound()
+            await audit.write(conn, AuditAction.POLICY_UPDATE, product_id=product_id, actor="admin",
+                              metadata={"policy": policy})
+        return product
+
+    async def products(self) -> list[tuple[ProductRow, dict[str, int]]]:
+        async with self._pool.acquire() as conn:
+            products = await registry.list_products(conn)
+            counts = await registry.count_by_product_status(conn)
+        by_product: dict[str, dict[str, int]] = {p.id: _all_states() for p in products}
+        for product_id, status, n in counts:
+            by_product.setdefault(product_id, _all_states())[status] = n
+        return [(p, by_product[p.id]) for p in products]
+
+    async def get_product(self, product_id: str) -> ProductRow:
+        async with self._pool.acquire() as conn:
+            product = await registry.get_product(conn, product_id)
+        if product is None:
+            raise ProductNotFound()
+        return product
+
+    async def engines(
+        self, product_id: str, status: str | None, limit: int, offset: int
+    ) -> tuple[list[EngineView], int]:
+        async with self._pool.acquire() as conn:
+            rows, total = await registry.list_engines(conn, product_id, status, limit, offset)
+        return [view(r) for r in rows], total
+
+    async def status(self, product_id: str) -> dict[str, object]:
+        async with self._pool.acquire() as conn:
+            counts = await registry.count_by_status(conn, product_id)
+        by_status = {**_all_states(), **counts}
+        total = sum(by_status.values())
+        failed = by_status[EngineState.FAILED]
+        return {"total": total, "by_status": by_status, "health": health_of(total, failed),
+                "unhealthy_count": failed}
+
+    async def metrics(self, product_id: str) -> dict[str, object]:
+        async with self._pool.acquire() as conn:
+            return await audit.metrics(conn, product_id)
+
+    async def audit_events(
+        self, product_id: str | None, limit: int, action: str | None = None, after_id: int = 0
+    ) -> list[AuditRow]:
+        async with self._pool.acquire() as conn:
+            return await audit.recent(conn, product_id, limit, action, after_id)
+
+    async def count_by_product_status(self) -> list[tuple[str, str, int]]:
+        async with self._pool.acquire() as conn:
+            return await registry.count_by_product_status(conn)
+
+
+def _all_states() -> dict[str, int]:
+    return {str(s): 0 for s in EngineState}

@@ -1,0 +1,11 @@
+"""Lifecycle: the engine state machine, and the only layer that calls a backend.
+
+Workers reach backend types through here (re-exported below)."""
+
+from bap_engine.backends.base import BackendError, Observed, ObservedState
+from bap_engine.lifecycle.ops import Lifecycle
+from bap_engine.lifecycle.probe import probe_health
+from bap_engine.lifecycle.service import now
+from bap_engine.lifecycle.views import EngineView, view
+
+__all__ = ["Lifecycle", "EngineView", "view", "probe_health", "now", "Observed", "ObservedState", "BackendError"]

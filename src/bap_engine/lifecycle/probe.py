@@ -1,0 +1,79 @@
+"""HTTP calls from the orchestrator to an engine: the health probe and live key rotation.
+
+The probe is on the hot path of every boot, wake and health sweep (thousands of engines),
+so it is one short-lived connection parsed with h11 rather than a full client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from urllib.parse import urlsplit
+
+import h11
+import orjson
+
+__all__ = ["probe_health", "call_engine", "EngineReply"]
+
+_MAX_BODY = 64 * 1024
+
+
+class EngineReply:
+    __slots__ = ("status", "body")
+
+    def __init__(self, status: int, body: bytes) -> None:
+        self.status = status
+        self.body = body
+
+
+async def _exchange(url: str, method: str, path: str, headers: list[tuple[str, str]], body: bytes) -> EngineReply:
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        conn = h11.Connection(h11.CLIENT)
+        hdrs = [("Host", f"{host}:{port}"), ("Connection", "close"), *headers]
+        if body:
+            hdrs.append(("Content-Length", str(len(body))))
+        data = conn.send(h11.Request(method=method, target=path, headers=hdrs))
+        data += conn.send(h11.Data(data=body)) if body else b""
+        data += conn.send(h11.EndOfMessage())
+        writer.write(data)
+        status, chunks = 0, bytearray()
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                conn.receive_data(await reader.read(65536))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+            elif isinstance(event, h11.Data):
+                chunks += event.data
+                if len(chunks) > _MAX_BODY:
+                    break
+            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                break
+        return EngineReply(status, bytes(chunks))
+    finally:
+        writer.close()
+
+
+async def probe_health(url: str, timeout: float) -> bool:
+    """True when GET /health answers 2xx with JSON status "ok" within timeout."""
+    try:
+        reply = await asyncio.wait_for(_exchange(url, "GET", "/health", [], b""), timeout)
+    except (OSError, TimeoutError, h11.ProtocolError):
+        return False
+    if not 200 <= reply.status < 300:
+        return False
+    try:
+        doc = orjson.loads(reply.body)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(doc, dict) and doc.get("status") == "ok"
+
+
+async def call_engine(
+    url: str, method: str, path: str, *, key: str, payload: dict[str, object], timeout: float
+) -> EngineReply:
+    """An authenticated JSON call to the engine. Raises OSError/TimeoutError on transport failure."""
+    headers = [("X-Engine-Key", key), ("Content-Type", "application/json")]
+    return await asyncio.wait_for(_exchange(url, method, path, headers, orjson.dumps(payload)), timeout)

@@ -1,0 +1,57 @@
+"""The engine process: wire the settings, SQLite, key ring and HTTP server, and run until a signal.
+
+Owns process start and stop: read the environment, open SQLite and the key ring, serve HTTP until
+SIGTERM or SIGINT, then close SQLite. ``main`` returns the exit code: 0 after a clean stop, 2 on a
+configuration error (the message names the variable, never its value).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from .config import ConfigError, EngineConfig, load_config
+from .keys import KeyFileError, KeyRing
+from .routes import Routes
+from .server import HttpServer
+from .store import MessageStore
+
+__all__ = ["main"]
+
+_log = logging.getLogger("bap_refengine")
+
+
+async def _run(config: EngineConfig) -> None:
+    store = MessageStore.open(config.db_path)
+    try:
+        keys = KeyRing.load(config.data_dir, config.key_hash)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        routes = Routes(config, keys, store)
+        server = HttpServer(routes, config.host, config.port, config.shutdown_grace_seconds)
+        await server.serve(stop)
+        _log.info("stopped")
+    finally:
+        store.close()
+
+
+def main() -> int:
+    """Run the engine; returns the process exit code."""
+    logging.basicConfig(
+        level=os.environ.get("LOG_LEVEL", "INFO").upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        config = load_config(os.environ)
+        asyncio.run(_run(config))
+    except (ConfigError, KeyFileError) as exc:
+        _log.error("configuration error: %s", exc)
+        return 2
+    return 0
+

@@ -1,0 +1,255 @@
+"""Registry: Postgres access for products and engines.
+
+Pure data access: every function takes an asyncpg connection first, never commits
+(the caller owns the transaction), never calls a backend and never writes audit.
+Rows come back as frozen dataclasses; ids are strings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from datetime import datetime
+
+import asyncpg
+
+from bap_engine.states import EngineState
+
+__all__ = [
+    "ProductRow", "EngineRow", "insert_product", "get_product", "get_product_by_key_hash",
+    "set_policy", "list_products", "lock_product", "count_engines", "admit_lookup",
+    "get_engine", "get_engine_by_id", "insert_engine", "allocate_port", "claim_op",
+    "update_engine", "delete_engine", "list_engines", "count_by_status", "engines_in_states",
+    "touch_activity", "count_by_product_status", "all_engines",
+]
+
+_PORT_LOCK = 7_415_003  # serialises port choice across processes
+
+
+@dataclass(frozen=True, slots=True)
+class ProductRow:
+    id: str
+    slug: str
+    display_name: str
+    policy: dict[str, object]
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class EngineRow:
+    id: str
+    product_id: str
+    user_id: str
+    status: EngineState
+    port: int | None
+    url: str | None
+    ref: str | None
+    engine_version: str
+    api_key_hash: str
+    engine_key_enc: str
+    sleep_kind: str | None
+    created_at: datetime
+    updated_at: datetime
+    last_health_at: datetime | None
+    last_active_at: datetime | None
+    health_failures: int
+    restart_attempts: int
+    next_restart_at: datetime | None
+    boot_ms: int | None
+    op: str | None
+    op_owner: int | None
+    op_deadline: datetime | None
+
+
+_PRODUCT_COLS = "id, slug, display_name, policy, created_at"
+_ENGINE_COLS = ", ".join(f.name for f in fields(EngineRow))
+_ENGINE_COLS_E = ", ".join(f"e.{f.name}" for f in fields(EngineRow))
+
+
+def _product(r: asyncpg.Record | None) -> ProductRow | None:
+    return None if r is None else ProductRow(r["id"], r["slug"], r["display_name"], r["policy"], r["created_at"])
+
+
+def _engine(r: asyncpg.Record | None) -> EngineRow | None:
+    if r is None:
+        return None
+    values = dict(r)
+    values["status"] = EngineState(values["status"])
+    return EngineRow(**values)
+
+
+async def insert_product(
+    conn: asyncpg.Connection, id: str, slug: str, display_name: str, key_hash: str, policy: dict[str, object]
+) -> ProductRow | None:
+    """Insert a product; None when the slug is taken."""
+    r = await conn.fetchrow(
+        f"INSERT INTO products (id, slug, display_name, api_key_hash, policy) VALUES ($1,$2,$3,$4,$5) "
+        f"ON CONFLICT (slug) DO NOTHING RETURNING {_PRODUCT_COLS}",
+        id, slug, display_name, key_hash, policy,
+    )
+    return _product(r)
+
+
+async def get_product(conn: asyncpg.Connection, product_id: str) -> ProductRow | None:
+    return _product(await conn.fetchrow(f"SELECT {_PRODUCT_COLS} FROM products WHERE id = $1", product_id))
+
+
+async def get_product_by_key_hash(conn: asyncpg.Connection, key_hash: str) -> ProductRow | None:
+    sql = f"SELECT {_PRODUCT_COLS} FROM products WHERE api_key_hash = $1"
+    return _product(await conn.fetchrow(sql, key_hash))
+
+
+async def set_policy(conn: asyncpg.Connection, product_id: str, policy: dict[str, object]) -> ProductRow | None:
+    r = await conn.fetchrow(
+        f"UPDATE products SET policy = $2 WHERE id = $1 RETURNING {_PRODUCT_COLS}", product_id, policy
+    )
+    return _product(r)
+
+
+async def list_products(conn: asyncpg.Connection) -> list[ProductRow]:
+    rows = await conn.fetch(f"SELECT {_PRODUCT_COLS} FROM products ORDER BY created_at, id")
+    return [p for p in map(_product, rows) if p is not None]
+
+
+async def lock_product(conn: asyncpg.Connection, product_id: str) -> None:
+    """Row-lock the product: serialises quota checks of one product."""
+    await conn.execute("SELECT 1 FROM products WHERE id = $1 FOR UPDATE", product_id)
+
+
+async def count_engines(conn: asyncpg.Connection, product_id: str) -> int:
+    return int(await conn.fetchval("SELECT count(*) FROM engines WHERE product_id = $1", product_id))
+
+
+async def admit_lookup(
+    conn: asyncpg.Connection, key_hash: str, user_id: str
+) -> tuple[ProductRow | None, EngineRow | None]:
+    """Authenticate the product and find its user's engine in one round trip."""
+    r = await conn.fetchrow(
+        f"SELECT p.id AS p_id, p.slug, p.display_name, p.policy, p.created_at AS p_created_at, "
+        f"{_ENGINE_COLS_E} FROM products p LEFT JOIN engines e ON e.product_id = p.id AND e.user_id = $2 "
+        f"WHERE p.api_key_hash = $1",
+        key_hash, user_id,
+    )
+    if r is None:
+        return None, None
+    product = ProductRow(r["p_id"], r["slug"], r["display_name"], r["policy"], r["p_created_at"])
+    if r["id"] is None:
+        return product, None
+    return product, _engine({f.name: r[f.name] for f in fields(EngineRow)})  # type: ignore[arg-type]
+
+
+async def get_engine(conn: asyncpg.Connection, product_id: str, user_id: str) -> EngineRow | None:
+    sql = f"SELECT {_ENGINE_COLS} FROM engines WHERE product_id = $1 AND user_id = $2"
+    return _engine(await conn.fetchrow(sql, product_id, user_id))
+
+
+async def get_engine_by_id(conn: asyncpg.Connection, engine_id: str) -> EngineRow | None:
+    return _engine(await conn.fetchrow(f"SELECT {_ENGINE_COLS} FROM engines WHERE id = $1", engine_id))
+
+
+async def insert_engine(
+    conn: asyncpg.Connection, *, id: str, product_id: str, user_id: str, port: int, url: str,
+    engine_version: str, api_key_hash: str, engine_key_enc: str, op_owner: int, op_ttl_s: float,
+) -> EngineRow | None:
+    """Insert a `provisioning` row holding the provision op; None if the user has one."""
+    r = await conn.fetchrow(
+        f"INSERT INTO engines (id, product_id, user_id, status, port, url, engine_version, api_key_hash, "
+        f"engine_key_enc, op, op_owner, op_deadline) VALUES ($1,$2,$3,'provisioning',$4,$5,$6,$7,$8,"
+        f"'provision',$9, now() + make_interval(secs => $10)) "
+        f"ON CONFLICT (product_id, user_id) DO NOTHING RETURNING {_ENGINE_COLS}",
+        id, product_id, user_id, port, url, engine_version, api_key_hash, engine_key_enc, op_owner, op_ttl_s,
+    )
+    return _engine(r)
+
+
+async def allocate_port(conn: asyncpg.Connection, low: int, high: int, avoid: Sequence[int] = ()) -> int | None:
+    """Lowest port in [low, high] no engine holds (locked until the transaction ends)."""
+    await conn.execute("SELECT pg_advisory_xact_lock($1)", _PORT_LOCK)
+    port = await conn.fetchval(
+        "SELECT p FROM generate_series($1::int, $2::int) AS p WHERE p <> ALL($3::int[]) "
+        "AND NOT EXISTS (SELECT 1 FROM engines WHERE port = p) ORDER BY p LIMIT 1",
+        low, high, list(avoid),
+    )
+    return None if port is None else int(port)
+
+
+async def claim_op(
+    conn: asyncpg.Connection, engine_id: str, op: str, owner: int, ttl_s: float
+) -> EngineRow | None:
+    """Mark an operation in progress on the engine unless another live one holds it.
+
+    An op whose deadline passed, or whose owner process no longer holds its liveness
+    lock, is taken over. Returns the row, or None when busy (or gone)."""
+    r = await conn.fetchrow(
+        f"UPDATE engines SET op = $2, op_owner = $3, op_deadline = now() + make_interval(secs => $4), "
+        f"updated_at = now() WHERE id = $1 AND (op IS NULL OR op_deadline < now() OR NOT EXISTS ("
+        f"SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND classid = 7415004 "
+        f"AND objid = engines.op_owner::oid AND objsubid = 2)) RETURNING {_ENGINE_COLS}",
+        engine_id, op, owner, ttl_s,
+    )
+    return _engine(r)
+
+
+async def update_engine(conn: asyncpg.Connection, engine_id: str, **values: object) -> EngineRow | None:
+    """Set columns (status, op=None to release, ...) and bump updated_at."""
+    cols = list(values)
+    sets = ", ".join(f"{c} = ${i + 2}" for i, c in enumerate(cols))
+    r = await conn.fetchrow(
+        f"UPDATE engines SET {sets}, updated_at = now() WHERE id = $1 RETURNING {_ENGINE_COLS}",
+        engine_id, *[str(v) if isinstance(v, EngineState) else v for v in values.values()],
+    )
+    return _engine(r)
+
+
+async def delete_engine(conn: asyncpg.Connection, engine_id: str) -> None:
+    await conn.execute("DELETE FROM engines WHERE id = $1", engine_id)
+
+
+async def list_engines(
+    conn: asyncpg.Connection, product_id: str, status: str | None, limit: int, offset: int
+) -> tuple[list[EngineRow], int]:
+    rows = await conn.fetch(
+        f"SELECT {_ENGINE_COLS}, count(*) OVER () AS total FROM engines WHERE product_id = $1 "
+        f"AND ($2::text IS NULL OR status = $2) ORDER BY created_at, id LIMIT $3 OFFSET $4",
+        product_id, status, limit, offset,
+    )
+    if rows:
+        total = int(rows[0]["total"])
+    else:
+        total = int(await conn.fetchval(
+            "SELECT count(*) FROM engines WHERE product_id = $1 AND ($2::text IS NULL OR status = $2)",
+            product_id, status,
+        ))
+    engines = [_engine({k: v for k, v in r.items() if k != "total"}) for r in rows]  # type: ignore[arg-type]
+    return [e for e in engines if e is not None], total
+
+
+async def count_by_status(conn: asyncpg.Connection, product_id: str) -> dict[str, int]:
+    rows = await conn.fetch("SELECT status, count(*) AS n FROM engines WHERE product_id = $1 GROUP BY status",
+                            product_id)
+    return {r["status"]: int(r["n"]) for r in rows}
+
+
+async def count_by_product_status(conn: asyncpg.Connection) -> list[tuple[str, str, int]]:
+    rows = await conn.fetch("SELECT product_id, status, count(*) AS n FROM engines GROUP BY 1, 2")
+    return [(r["product_id"], r["status"], int(r["n"])) for r in rows]
+
+
+async def engines_in_states(conn: asyncpg.Connection, states: Sequence[EngineState]) -> list[EngineRow]:
+    rows = await conn.fetch(f"SELECT {_ENGINE_COLS} FROM engines WHERE status = ANY($1::text[])",
+                            [str(s) for s in states])
+    return [e for e in map(_engine, rows) if e is not None]
+
+
+async def all_engines(conn: asyncpg.Connection) -> list[EngineRow]:
+    rows = await conn.fetch(f"SELECT {_ENGINE_COLS} FROM engines")
+    return [e for e in map(_engine, rows) if e is not None]
+
+
+async def touch_activity(conn: asyncpg.Connection, engine_ids: Sequence[str], times: Sequence[datetime]) -> None:
+    """Batch-advance last_active_at (never moves it backwards)."""
+    await conn.execute(
+        "UPDATE engines SET last_active_at = v.t FROM unnest($1::uuid[], $2::timestamptz[]) AS v(id, t) "
+        "WHERE engines.id = v.id AND (engines.last_active_at IS NULL OR engines.last_active_at < v.t)",
+        list(engine_ids), list(times),
+    )

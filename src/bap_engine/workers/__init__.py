@@ -1,0 +1,1 @@
+"""Background workers (health, idle sleep, reconcile), run by the elected leader only."""
