@@ -1,0 +1,264 @@
+"""Shared fixtures: one Postgres per test run, settings on tmp_path, the app and its client.
+
+- `pg_dsn` (session): `ORCH_TEST_DATABASE_URL`, or an embedded `pgserver` in a session tmp dir;
+  migrated once. Only tests that ask for it (directly or through `settings`) start it.
+- `settings`: a unique deployment, a unique 40-port range and data_dir on tmp_path. Its teardown
+  destroys every engine process the test left under `tmp_path/engines` (whatever app created
+  it) and asserts that nothing is left, so no engine outlives its test.
+- `app` / `client`: `create_app(settings)` inside `asgi_lifespan.LifespanManager`, driven by
+  `httpx.AsyncClient(transport=ASGITransport(app))`. The client records every response; at
+  teardown no key may appear in any body except where the contract returns it.
+
+Tests are isolated by unique product slugs, never by truncation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+from cryptography.fernet import Fernet
+from fastapi import FastAPI
+
+from bap_engine.app import create_app
+from bap_engine.backends.subprocess import SubprocessBackend, SubprocessConfig
+from bap_engine.config import Settings
+from bap_engine.db import migrate
+from bap_engine.db.embedded import embedded_postgres
+
+ADMIN_KEY = "adm-test-" + uuid.uuid4().hex
+PORTS_PER_TEST = 40
+_PORT_LOW, _PORT_HIGH = 20000, 29999
+_port_blocks = itertools.count(random.randrange((_PORT_HIGH - _PORT_LOW + 1) // PORTS_PER_TEST))
+
+# Paths whose 2xx answers legitimately carry a key (see spec/API.md "Keys").
+_PLATFORM_KEY_PATHS = ("/products/register",)
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------------
+async def wait_until(
+    predicate: Callable[[], bool | Awaitable[bool]], timeout: float, interval: float = 0.02
+) -> None:
+    """Poll `predicate` (sync or async) until true; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        await asyncio.sleep(interval)
+
+
+def unique_slug(prefix: str = "p") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+async def register_product(
+    client: httpx.AsyncClient, policy: dict[str, object] | None = None, slug: str | None = None
+) -> tuple[str, str]:
+    """Register a product with a unique slug through the admin API. Returns (product_id, platform key)."""
+    body: dict[str, object] = {"slug": slug or unique_slug(), "display_name": "Test product"}
+    if policy is not None:
+        body["policy"] = policy
+    r = await client.post("/products/register", json=body, headers={"X-Admin-Key": ADMIN_KEY})
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    return str(doc["product_id"]), str(doc["platform_api_key"])
+
+
+def pk(key: str) -> dict[str, str]:
+    """The platform-key header."""
+    return {"X-Platform-Key": key}
+
+
+def assert_envelope(r: httpx.Response, status: int, code: str) -> None:
+    """The response is exactly {"error": {"code", "message"}} with this status and code."""
+    assert r.status_code == status, (r.status_code, r.text)
+    doc = r.json()
+    assert set(doc) == {"error"}, doc
+    assert set(doc["error"]) == {"code", "message"}, doc
+    assert doc["error"]["code"] == code, doc
+    assert isinstance(doc["error"]["message"], str) and doc["error"]["message"], doc
+
+
+def services_of(app: FastAPI) -> object:
+    return app.state.services
+
+
+def pool_of(app: FastAPI) -> asyncpg.Pool:
+    pool = app.state.services.extras["pool"]
+    assert isinstance(pool, asyncpg.Pool)
+    return pool
+
+
+def engine_dir(settings: Settings, engine_id: str) -> Path:
+    return settings.data_dir / "engines" / engine_id
+
+
+class ResponseLog:
+    """Every response seen by a test client, with the secrets to look for in them."""
+
+    def __init__(self, secrets: list[str]) -> None:
+        self.secrets = list(secrets)
+        self.responses: list[tuple[str, str, int, str]] = []
+
+    async def hook(self, response: httpx.Response) -> None:
+        await response.aread()
+        path = response.request.url.path
+        text = response.text
+        self.responses.append((response.request.method, path, response.status_code, text))
+        if 200 <= response.status_code < 300 and response.headers.get("content-type", "").startswith(
+            "application/json"
+        ):
+            doc = response.json()
+            if isinstance(doc, dict):
+                for name in ("platform_api_key", "api_key"):
+                    if isinstance(doc.get(name), str):
+                        self.secrets.append(doc[name])
+                engine = doc.get("engine")
+                if isinstance(engine, dict) and isinstance(engine.get("api_key"), str):
+                    self.secrets.append(engine["api_key"])
+
+    def check(self, admin_key: str, master_key: str) -> None:
+        """No key in an error body; platform keys only from register; engine keys only where returned."""
+        platform = {s for s in self.secrets if s.startswith("pk-sept-")}
+        engine = {s for s in self.secrets if s.startswith("sk-sept-")}
+        for method, path, status, text in self.responses:
+            assert admin_key not in text and master_key not in text, (method, path)
+            allowed: set[str] = set()
+            if 200 <= status < 300:
+                if path in _PLATFORM_KEY_PATHS:
+                    allowed |= platform
+                if _returns_engine_key(method, path):
+                    allowed |= engine
+            for secret in (platform | engine) - allowed:
+                assert secret not in text, f"a key leaked in {method} {path} ({status})"
+
+
+def _returns_engine_key(method: str, path: str) -> bool:
+    parts = path.strip("/").split("/")
+    if parts[0] != "engines" or len(parts) < 2:
+        return False
+    if method == "GET":
+        return len(parts) == 2
+    return method == "POST" and (parts[1] == "provision" or (len(parts) == 3 and parts[2] in ("admit", "rotate-key")))
+
+
+async def audit_rows_containing(dsn: str, secrets: list[str]) -> list[str]:
+    """Audit rows whose metadata or actor contain any of the secrets (must be none)."""
+    if not secrets:
+        return []
+    conn = await asyncpg.connect(dsn)
+    try:
+        rows = await conn.fetch(
+            "SELECT id::text FROM audit_log WHERE metadata::text LIKE ANY($1::text[]) "
+            "OR actor LIKE ANY($1::text[]) OR coalesce(user_id, '') LIKE ANY($1::text[])",
+            [f"%{s}%" for s in secrets],
+        )
+    finally:
+        await conn.close()
+    return [r["id"] for r in rows]
+
+
+async def destroy_leftover_engines(settings: Settings, dsn: str) -> None:
+    """Kill and remove every engine this test left (its processes and data), and their rows."""
+    backend = SubprocessBackend(
+        SubprocessConfig(data_dir=settings.data_dir.resolve(), command=settings.engine_argv,
+                         deployment=settings.deployment)
+    )
+    managed = await backend.list_managed()
+    for observed in managed:
+        await backend.destroy(observed.engine_id)
+    await backend.close()
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(
+            "DELETE FROM engines WHERE id = ANY($1::uuid[]) OR port BETWEEN $2 AND $3",
+            [o.engine_id for o in managed], settings.port_min, settings.port_max,
+        )
+    finally:
+        await conn.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# fixtures
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+async def pg_dsn(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
+    """One migrated Postgres for the whole run."""
+    url = os.environ.get("ORCH_TEST_DATABASE_URL")
+    if url:
+        await migrate.upgrade(url)
+        yield url
+        return
+    async with embedded_postgres(tmp_path_factory.mktemp("pg")) as dsn:
+        await migrate.upgrade(dsn)
+        yield dsn
+
+
+def next_port_range() -> tuple[int, int]:
+    blocks = (_PORT_HIGH - _PORT_LOW + 1) // PORTS_PER_TEST
+    low = _PORT_LOW + (next(_port_blocks) % blocks) * PORTS_PER_TEST
+    return low, low + PORTS_PER_TEST - 1
+
+
+@pytest.fixture
+def master_key() -> str:
+    return Fernet.generate_key().decode()
+
+
+@pytest.fixture
+async def settings(pg_dsn: str, tmp_path: Path, master_key: str) -> AsyncIterator[Settings]:
+    port_min, port_max = next_port_range()
+    s = Settings(
+        database_url=pg_dsn, master_key=master_key, admin_key=ADMIN_KEY, data_dir=tmp_path,
+        port_min=port_min, port_max=port_max, boot_timeout_s=15, stop_grace_s=5, workers_enabled=False,
+        deployment=f"t-{uuid.uuid4().hex[:12]}",
+    )
+    yield s
+    await destroy_leftover_engines(s, pg_dsn)
+    engines = tmp_path / "engines"
+    left = sorted(p.name for p in engines.iterdir()) if engines.exists() else []
+    assert left == [], f"engine data left behind: {left}"
+
+
+@pytest.fixture
+async def app(settings: Settings) -> AsyncIterator[FastAPI]:
+    application = create_app(settings)
+    async with LifespanManager(application, startup_timeout=60, shutdown_timeout=60) as manager:
+        assert manager.app is not None
+        yield application
+
+
+@pytest.fixture
+def response_log(settings: Settings) -> ResponseLog:
+    return ResponseLog([ADMIN_KEY, settings.master_key or ""])
+
+
+@pytest.fixture
+async def client(
+    app: FastAPI, settings: Settings, response_log: ResponseLog, pg_dsn: str
+) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://test", timeout=60, event_hooks={"response": [response_log.hook]}
+    ) as c:
+        yield c
+    assert settings.master_key is not None
+    response_log.check(ADMIN_KEY, settings.master_key)
+    assert await audit_rows_containing(pg_dsn, response_log.secrets) == []

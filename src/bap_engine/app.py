@@ -163,7 +163,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         async with build_services(settings) as services:
             app.state.services = services
-            async with run_workers(services, settings):
+            dsn = str(services.extras["dsn"])
+            async with run_workers(dsn, services.lifecycle, settings) as leadership:
+                services.extras["leadership"] = leadership
                 yield {}
 
     app = FastAPI(title="bap-engine", version="0.1.0", lifespan=lifespan,

@@ -20,7 +20,8 @@ __all__ = [
     "set_policy", "list_products", "lock_product", "count_engines", "admit_lookup",
     "get_engine", "get_engine_by_id", "insert_engine", "allocate_port", "claim_op",
     "update_engine", "delete_engine", "list_engines", "count_by_status", "engines_in_states",
-    "touch_activity", "count_by_product_status", "all_engines",
+    "touch_activity", "count_by_product_status", "all_engines", "record_health_ok", "bump_health_failures",
+    "due_restarts", "stale_ops",
 ]
 
 _PORT_LOCK = 7_415_003  # serialises port choice across processes
@@ -70,7 +71,7 @@ def _product(r: asyncpg.Record | None) -> ProductRow | None:
     return None if r is None else ProductRow(r["id"], r["slug"], r["display_name"], r["policy"], r["created_at"])
 
 
-def _engine(r: asyncpg.Record | None) -> EngineRow | None:
+def _engine(r: asyncpg.Record | dict[str, object] | None) -> EngineRow | None:
     if r is None:
         return None
     values = dict(r)
@@ -135,7 +136,7 @@ async def admit_lookup(
     product = ProductRow(r["p_id"], r["slug"], r["display_name"], r["policy"], r["p_created_at"])
     if r["id"] is None:
         return product, None
-    return product, _engine({f.name: r[f.name] for f in fields(EngineRow)})  # type: ignore[arg-type]
+    return product, _engine({f.name: r[f.name] for f in fields(EngineRow)})
 
 
 async def get_engine(conn: asyncpg.Connection, product_id: str, user_id: str) -> EngineRow | None:
@@ -220,7 +221,7 @@ async def list_engines(
             "SELECT count(*) FROM engines WHERE product_id = $1 AND ($2::text IS NULL OR status = $2)",
             product_id, status,
         ))
-    engines = [_engine({k: v for k, v in r.items() if k != "total"}) for r in rows]  # type: ignore[arg-type]
+    engines = [_engine({k: v for k, v in r.items() if k != "total"}) for r in rows]
     return [e for e in engines if e is not None], total
 
 
@@ -253,3 +254,43 @@ async def touch_activity(conn: asyncpg.Connection, engine_ids: Sequence[str], ti
         "WHERE engines.id = v.id AND (engines.last_active_at IS NULL OR engines.last_active_at < v.t)",
         list(engine_ids), list(times),
     )
+
+
+async def record_health_ok(conn: asyncpg.Connection, engine_ids: Sequence[str]) -> None:
+    """Batch: probes passed now."""
+    if engine_ids:
+        await conn.execute(
+            "UPDATE engines SET last_health_at = now(), health_failures = 0 WHERE id = ANY($1::uuid[])",
+            list(engine_ids),
+        )
+
+
+async def bump_health_failures(conn: asyncpg.Connection, engine_ids: Sequence[str]) -> dict[str, int]:
+    """Batch: one more consecutive failure each; returns the new counts."""
+    if not engine_ids:
+        return {}
+    rows = await conn.fetch(
+        "UPDATE engines SET health_failures = health_failures + 1 WHERE id = ANY($1::uuid[]) "
+        "AND status = 'running' RETURNING id, health_failures",
+        list(engine_ids),
+    )
+    return {r["id"]: int(r["health_failures"]) for r in rows}
+
+
+async def due_restarts(conn: asyncpg.Connection, max_attempts: int) -> list[EngineRow]:
+    rows = await conn.fetch(
+        f"SELECT {_ENGINE_COLS} FROM engines WHERE status = 'failed' AND next_restart_at IS NOT NULL "
+        f"AND next_restart_at <= now() AND restart_attempts < $1 AND op IS NULL",
+        max_attempts,
+    )
+    return [e for e in map(_engine, rows) if e is not None]
+
+
+async def stale_ops(conn: asyncpg.Connection) -> list[EngineRow]:
+    """Rows whose op deadline passed or whose owner process is gone."""
+    rows = await conn.fetch(
+        f"SELECT {_ENGINE_COLS} FROM engines WHERE op IS NOT NULL AND (op_deadline < now() OR NOT EXISTS ("
+        f"SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND classid = 7415004 "
+        f"AND objid = engines.op_owner::oid AND objsubid = 2))"
+    )
+    return [e for e in map(_engine, rows) if e is not None]

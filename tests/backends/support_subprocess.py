@@ -16,14 +16,14 @@ from pathlib import Path
 from bap_engine.backends.base import EngineBackend, Placement
 from bap_engine.backends.subprocess import SubprocessBackend, SubprocessConfig
 
-__all__ = ["ENGINE_COMMAND", "kill_behind_back", "make_backend", "make_backend_missing_engine"]
+__all__ = ["DATA_DIR_NAME", "ENGINE_COMMAND", "kill_behind_back", "make_backend", "make_backend_missing_engine"]
 
 ENGINE_COMMAND = (sys.executable, "-m", "bap_engine.refengine")
+DATA_DIR_NAME = "subprocess-backend"  # under the workdir: backends on one workdir share the "runtime"
 
 
 def _config(workdir: Path, deployment: str, command: tuple[str, ...]) -> SubprocessConfig:
-    # One data_dir per workdir: two backends on the same workdir share the "runtime".
-    return SubprocessConfig(data_dir=workdir / "subprocess-backend", command=command, deployment=deployment)
+    return SubprocessConfig(data_dir=workdir / DATA_DIR_NAME, command=command, deployment=deployment)
 
 
 @asynccontextmanager

@@ -257,6 +257,7 @@ async def test_process_env_and_files_are_private(backend: EngineBackend, monkeyp
 async def test_engine_outlives_the_orchestrator_process(backend: EngineBackend, tmp_path: Path) -> None:
     """An engine created by a process that then exits keeps running, and is managed afterwards."""
     _only_subprocess(backend)
+    support = support_for(backend)
     deployment = f"test-outlive-{uuid.uuid4().hex[:8]}"
     new = make_spec(deployment=deployment)
     script = (
@@ -271,8 +272,8 @@ async def test_engine_outlives_the_orchestrator_process(backend: EngineBackend, 
     )
     spec = new.spec
     args = {
-        "data_dir": str(tmp_path / "subprocess-backend"),
-        "command": [sys.executable, "-m", "bap_engine.refengine"],
+        "data_dir": str(tmp_path / support.DATA_DIR_NAME),
+        "command": list(support.ENGINE_COMMAND),
         "deployment": deployment,
         "spec": {
             "engine_id": spec.engine_id,
@@ -289,7 +290,7 @@ async def test_engine_outlives_the_orchestrator_process(backend: EngineBackend, 
     out, _ = await orchestrator.communicate()
     assert orchestrator.returncode == 0
     url = out.decode().strip()
-    async with support_for(backend).make_backend(tmp_path, deployment) as heir:
+    async with support.make_backend(tmp_path, deployment) as heir:
         await wait_healthy(url, BOOT_S)
         assert await _state(heir, new.engine_id) is ObservedState.RUNNING
         await heir.stop(new.engine_id, grace_s=10)

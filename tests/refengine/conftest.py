@@ -28,7 +28,8 @@ async def spawn(tmp_path: Path, key: str) -> AsyncIterator[SpawnEngine]:
 
     async def _spawn(data_dir: Path | None = None, **env: str | None) -> Engine:
         merged: dict[str, str | None] = {"ENGINE_KEY_HASH": sha256_hex(key), **env}
-        engine = Engine(data_dir or tmp_path / "data", {k: v for k, v in merged.items() if v is not None})
+        env_set = {k: v for k, v in merged.items() if v is not None}
+        engine = Engine(data_dir or tmp_path / "data", env_set, log_dir=tmp_path)
         started.append(engine)
         return await engine.start()
 

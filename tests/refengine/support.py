@@ -75,11 +75,11 @@ def parse_sse(text: str) -> list[tuple[str, dict[str, object]]]:
 class Engine:
     """One real engine process."""
 
-    def __init__(self, data_dir: Path, env: dict[str, str]) -> None:
+    def __init__(self, data_dir: Path, env: dict[str, str], log_dir: Path) -> None:
         self.data_dir = data_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = data_dir.parent / f"engine-{self.port}.log"
+        self.log_path = log_dir / f"engine-{self.port}.log"
         self._env = env
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -50,7 +50,7 @@ def envelope(status: int, code: str, message: str, headers: dict[str, str] | Non
 def _status_of(err: e.BapError) -> int:
     for cls in type(err).__mro__:
         if cls in STATUS:
-            return STATUS[cls]  # type: ignore[index]
+            return STATUS[cls]
     return 500
 
 

@@ -16,7 +16,7 @@ def _start(pgdata: Path) -> tuple[object, str]:
         warnings.simplefilter("ignore")
         import pgserver
 
-        server = pgserver.get_server(pgdata, cleanup_mode="stop")
+        server = pgserver.get_server(pgdata, cleanup_mode="stop")  # type: ignore[attr-defined]
     return server, str(server.get_uri())
 
 

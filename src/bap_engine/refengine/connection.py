@@ -23,6 +23,7 @@ __all__ = ["MAX_BODY_BYTES", "Connection", "RequestHandler"]
 MAX_BODY_BYTES = 1 << 20
 READ_SIZE = 64 * 1024
 READ_TIMEOUT_S = 60.0  # also the keep-alive idle timeout
+LINGER_S = 2.0
 _SERVER_HEADER = ("server", "bap-refengine")
 _log = logging.getLogger("bap_refengine.http")
 
@@ -110,10 +111,12 @@ class Connection:
             request = await self._read_request()
         except h11.RemoteProtocolError:
             await self._send_json_if_possible(error(400, "VALIDATION_ERROR", "malformed HTTP request"))
+            await self._discard_rest()
             return False
         except _PayloadTooLarge:
             limit = f"request body exceeds {MAX_BODY_BYTES} bytes"
             await self._send_json_if_possible(error(413, "PAYLOAD_TOO_LARGE", limit))
+            await self._discard_rest()
             return False
         if request is None:
             return False
@@ -191,6 +194,19 @@ class Connection:
         closing = (*response.headers, ("connection", "close"))
         with contextlib.suppress(h11.LocalProtocolError):
             await self._send_json(JsonResponse(response.status, response.payload, closing))
+
+    async def _discard_rest(self) -> None:
+        """Lingering close: drop what the client is still sending, for at most LINGER_S.
+
+        Closing a socket with unread input makes the kernel send RST, and the client would lose the
+        error response it has not read yet.
+        """
+        with contextlib.suppress(OSError, TimeoutError):
+            if self._writer.can_write_eof():
+                self._writer.write_eof()
+            async with asyncio.timeout(LINGER_S):
+                while await self._reader.read(READ_SIZE):
+                    pass
 
     async def _send_stream(self, response: StreamResponse) -> None:
         # No Content-Length: h11 picks chunked encoding for HTTP/1.1 (close-delimited for 1.0).

@@ -104,7 +104,8 @@ BEGIN
     n := LEAST(p_want, p_rpm - used);
     IF n <= 0 THEN
         RETURN QUERY SELECT NULL::bigint, 0,
-            GREATEST(EXTRACT(EPOCH FROM (COALESCE(oldest, clock_timestamp()) + span - clock_timestamp())), 0)::double precision;
+            GREATEST(EXTRACT(EPOCH FROM (COALESCE(oldest, clock_timestamp()) + span - clock_timestamp())), 0)
+                ::double precision;
         RETURN;
     END IF;
     INSERT INTO rate_leases (product_id, granted_at, tokens)

@@ -1,0 +1,137 @@
+"""Health worker: probe every running engine, mark failures, restart with backoff.
+
+One sweep: one query for the running engines, one backend list call, concurrent
+probes (bounded), then batched writes. Failed engines are restarted after
+min(BASE·2ⁿ, MAX) seconds (+ up to 10 % jitter) until ORCH_RESTART_MAX_ATTEMPTS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable, Mapping
+from datetime import datetime, timedelta
+
+import asyncpg
+
+from bap_engine import audit, registry
+from bap_engine.config import Settings
+from bap_engine.errors import BapError
+from bap_engine.lifecycle import Lifecycle, Observed, ObservedState, now, probe_health
+from bap_engine.lifecycle.repair import observe_all
+from bap_engine.registry import EngineRow
+from bap_engine.states import AuditAction, EngineState
+
+__all__ = ["HealthWorker", "backoff_s"]
+
+
+def backoff_s(attempt: int, base: float, cap: float, jitter: float = 0.1) -> float:
+    """Delay before restart attempt n (0-based): min(base·2ⁿ, cap) plus up to 10 % jitter."""
+    delay = min(base * (2**attempt), cap)
+    return float(delay + random.uniform(0, jitter * delay))
+
+
+class HealthWorker:
+    name = "health"
+
+    def __init__(self, lifecycle: Lifecycle, settings: Settings, clock: Callable[[], datetime] = now) -> None:
+        self.lc = lifecycle
+        self.s = settings
+        self.interval_s = settings.health_check_interval_s
+        self._clock = clock
+        self._audited: dict[str, float] = {}  # engine id → monotonic time of its last health_check row
+        self._restarts: dict[str, asyncio.Task[None]] = {}
+        self.last_sweep_s = 0.0
+
+    async def run_once(self) -> int:
+        started = time.monotonic()
+        pool: asyncpg.Pool = self.lc.pool
+        async with pool.acquire() as conn:
+            running = await registry.engines_in_states(conn, [EngineState.RUNNING])
+        observed = await observe_all(self.lc)
+        results = await self._probe_all(running, observed)
+        ok = [r for r, good in zip(running, results, strict=True) if good]
+        bad = [r for r, good in zip(running, results, strict=True) if not good]
+        acted = await self._record(ok, bad)
+        acted += await self._restart_due()
+        self.last_sweep_s = time.monotonic() - started
+        return acted
+
+    async def _probe_all(self, rows: list[EngineRow], observed: Mapping[str, Observed]) -> list[bool]:
+        gate = asyncio.Semaphore(self.s.health_concurrency)
+
+        async def probe(row: EngineRow) -> bool:
+            seen = observed.get(row.id)
+            if seen is None or seen.state in (ObservedState.EXITED, ObservedState.ABSENT):
+                return False  # vanished: no need to wait for a timeout
+            async with gate:
+                return row.url is not None and await probe_health(row.url, self.s.health_check_timeout_s)
+
+        return list(await asyncio.gather(*(probe(r) for r in rows)))
+
+    async def _record(self, ok: list[EngineRow], bad: list[EngineRow]) -> int:
+        sampled = self._sample(ok)
+        async with self.lc.pool.acquire() as conn, conn.transaction():
+            await registry.record_health_ok(conn, [r.id for r in ok])
+            counts = await registry.bump_health_failures(conn, [r.id for r in bad])
+            await audit.write_many(conn, [(r.product_id, r.user_id, r.id, AuditAction.HEALTH_CHECK, "system",
+                                           {"ok": True}, None) for r in sampled])
+        acted = 0
+        first_delay = timedelta(seconds=backoff_s(0, self.s.restart_backoff_base_s, self.s.restart_backoff_max_s))
+        for row in bad:
+            failures = counts.get(row.id, 0)
+            if failures >= self.s.health_max_failures:
+                reason = f"{failures} consecutive failed probes"
+                if await self.lc.mark_failed(row, reason=reason, next_restart_at=self._clock() + first_delay):
+                    acted += 1
+        return acted
+
+    def _sample(self, ok: list[EngineRow]) -> list[EngineRow]:
+        t = time.monotonic()
+        period = self.s.health_audit_sample_s
+        picked = [r for r in ok if t - self._audited.get(r.id, -1e18) >= period]
+        for r in picked:
+            self._audited[r.id] = t
+        return picked
+
+    async def _restart_due(self) -> int:
+        async with self.lc.pool.acquire() as conn:
+            due = await registry.due_restarts(conn, self.s.restart_max_attempts)
+        started = 0
+        for row in due:
+            task = self._restarts.get(row.id)
+            if task is not None and not task.done():
+                continue
+            self._restarts[row.id] = asyncio.create_task(self._restart(row), name=f"restart-{row.id}")
+            started += 1
+        return started
+
+    async def wait_restarts(self) -> None:
+        """For tests and shutdown: wait for restart attempts in flight."""
+        tasks = [t for t in self._restarts.values() if not t.done()]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _restart(self, row: EngineRow) -> None:
+        attempt = row.restart_attempts
+        await self.lc.audit_event(row, AuditAction.AUTO_RESTART_START, {"attempt": attempt})
+        try:
+            result = await self.lc.restart(row, attempt)
+        except BapError as err:
+            await self._restart_failed(row, attempt, err.code)
+            return
+        if result is None:
+            return  # no longer failed, or another replica holds it
+
+    async def _restart_failed(self, row: EngineRow, attempt: int, error: str) -> None:
+        attempts = attempt + 1
+        if attempts >= self.s.restart_max_attempts:
+            await self.lc.audit_event(row, AuditAction.AUTO_RESTART_FAILED, {"attempt": attempt, "error": error},
+                                      restart_attempts=attempts, next_restart_at=None)
+            await self.lc.audit_event(row, AuditAction.AUTO_RESTART_GAVE_UP, {"attempts": attempts})
+            return
+        delay = backoff_s(attempts, self.s.restart_backoff_base_s, self.s.restart_backoff_max_s)
+        await self.lc.audit_event(row, AuditAction.AUTO_RESTART_FAILED,
+                                  {"attempt": attempt, "error": error, "next_in_s": round(delay, 2)},
+                                  restart_attempts=attempts, next_restart_at=self._clock() + timedelta(seconds=delay))
