@@ -4,22 +4,24 @@
 # PyPI at build time. With a registry: --build-arg BASE_IMAGE=python:3.11-slim-bookworm
 ARG BASE_IMAGE=local/python:3.11-bookworm
 
-FROM ${BASE_IMAGE} AS build
+# Stage 1: the dependencies (the only step that needs PyPI; cached until pyproject.toml changes).
+FROM ${BASE_IMAGE} AS deps
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
-# Dependencies first, in their own layer, so editing src/ does not re-download them.
-# `build-ca.cr[t]` is optional: the wildcard lets the build go on without it. It stays in this stage.
-COPY pyproject.toml README.md build-ca.cr[t] /build/
+# `build-ca.cr[t]` is optional (the wildcard lets the build go on without it); it stays in this stage.
+COPY pyproject.toml build-ca.cr[t] /build/
 RUN if [ -s /build/build-ca.crt ]; then export PIP_CERT=/build/build-ca.crt; fi \
     && python3 -m venv /opt/venv \
     && python3 -c "import tomllib; d = tomllib.load(open('/build/pyproject.toml', 'rb')); \
-print('\n'.join(d['project']['dependencies']))" >/build/requirements.txt \
+print('\n'.join(d['build-system']['requires'] + d['project']['dependencies']))" >/build/requirements.txt \
     && /opt/venv/bin/pip install -r /build/requirements.txt
-COPY src/ /build/src/
-RUN if [ -s /build/build-ca.crt ]; then export PIP_CERT=/build/build-ca.crt; fi \
-    && /opt/venv/bin/pip install --no-deps /build
 
+# Stage 2: the runtime image; installing the project itself needs no network.
 FROM ${BASE_IMAGE}
-COPY --from=build /opt/venv /opt/venv
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
+COPY --from=deps /opt/venv /opt/venv
+COPY pyproject.toml README.md /build/
+COPY src/ /build/src/
+RUN /opt/venv/bin/pip install --no-deps --no-build-isolation /build && rm -rf /build
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PATH=/opt/venv/bin:$PATH \

@@ -15,12 +15,15 @@ Tests are isolated by unique product slugs, never by truncation.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import itertools
 import os
 import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime
 from pathlib import Path
 
 import asyncpg
@@ -30,6 +33,7 @@ from asgi_lifespan import LifespanManager
 from cryptography.fernet import Fernet
 from fastapi import FastAPI
 
+from bap_engine.api.deps import Services
 from bap_engine.app import create_app
 from bap_engine.backends.subprocess import SubprocessBackend, SubprocessConfig
 from bap_engine.config import Settings
@@ -96,8 +100,10 @@ def assert_envelope(r: httpx.Response, status: int, code: str) -> None:
     assert isinstance(doc["error"]["message"], str) and doc["error"]["message"], doc
 
 
-def services_of(app: FastAPI) -> object:
-    return app.state.services
+def services_of(app: FastAPI) -> Services:
+    services = app.state.services
+    assert isinstance(services, Services)
+    return services
 
 
 def pool_of(app: FastAPI) -> asyncpg.Pool:
@@ -108,6 +114,25 @@ def pool_of(app: FastAPI) -> asyncpg.Pool:
 
 def engine_dir(settings: Settings, engine_id: str) -> Path:
     return settings.data_dir / "engines" / engine_id
+
+
+async def insert_engine_row(
+    pool: asyncpg.Pool, settings: Settings, product_id: str, user_id: str, status: str = "stopped", *,
+    port: int | None = None, created_at: datetime | None = None, engine_id: str | None = None,
+) -> str:
+    """A bare `engines` row with no process behind it (for paths that never reach the backend)."""
+    assert settings.master_key is not None
+    engine_id = engine_id or str(uuid.uuid4())
+    fake_key = "sk-sept-" + uuid.uuid4().hex + uuid.uuid4().hex
+    sealed = Fernet(settings.master_key.encode()).encrypt(fake_key.encode()).decode()
+    await pool.execute(
+        "INSERT INTO engines (id, product_id, user_id, status, port, url, engine_version, api_key_hash, "
+        "engine_key_enc, created_at) VALUES ($1, $2, $3, $4, $5, $6, 'test-version', $7, $8, "
+        "coalesce($9, now()))",
+        engine_id, product_id, user_id, status, port, None if port is None else f"http://127.0.0.1:{port}",
+        hashlib.sha256(fake_key.encode()).hexdigest(), sealed, created_at,
+    )
+    return engine_id
 
 
 class ResponseLog:
@@ -240,25 +265,44 @@ async def settings(pg_dsn: str, tmp_path: Path, master_key: str) -> AsyncIterato
 @pytest.fixture
 async def app(settings: Settings) -> AsyncIterator[FastAPI]:
     application = create_app(settings)
-    async with LifespanManager(application, startup_timeout=60, shutdown_timeout=60) as manager:
-        assert manager.app is not None
+    async with LifespanManager(application, startup_timeout=60, shutdown_timeout=60):
         yield application
 
 
 @pytest.fixture
-def response_log(settings: Settings) -> ResponseLog:
-    return ResponseLog([ADMIN_KEY, settings.master_key or ""])
+async def response_log(settings: Settings, pg_dsn: str) -> AsyncIterator[ResponseLog]:
+    """Records responses; at teardown no key may be in a body where the contract does not return it,
+    nor in any audit row."""
+    assert settings.master_key is not None
+    log = ResponseLog([ADMIN_KEY, settings.master_key])
+    yield log
+    log.check(ADMIN_KEY, settings.master_key)
+    assert await audit_rows_containing(pg_dsn, log.secrets) == []
 
 
 @pytest.fixture
-async def client(
-    app: FastAPI, settings: Settings, response_log: ResponseLog, pg_dsn: str
-) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=app)
+async def client(app: FastAPI, response_log: ResponseLog) -> AsyncIterator[httpx.AsyncClient]:
+    async with client_for(app, response_log) as c:
+        yield c
+
+
+@contextlib.asynccontextmanager
+async def client_for(app: FastAPI, log: ResponseLog | None = None) -> AsyncIterator[httpx.AsyncClient]:
+    """An httpx client on the app's ASGI transport (recording into `log` if given)."""
+    hooks = {"response": [log.hook]} if log is not None else {}
     async with httpx.AsyncClient(
-        transport=transport, base_url="http://test", timeout=60, event_hooks={"response": [response_log.hook]}
+        transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=60, event_hooks=hooks
     ) as c:
         yield c
-    assert settings.master_key is not None
-    response_log.check(ADMIN_KEY, settings.master_key)
-    assert await audit_rows_containing(pg_dsn, response_log.secrets) == []
+
+
+@contextlib.asynccontextmanager
+async def open_app(
+    settings: Settings, log: ResponseLog | None = None
+) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    """A second (or differently configured) app with its lifespan running, and a client on it."""
+    application = create_app(settings)
+    async with LifespanManager(application, startup_timeout=60, shutdown_timeout=60), client_for(
+        application, log
+    ) as c:
+        yield application, c

@@ -59,6 +59,7 @@ async def test_rotation_persists_atomically_to_the_key_file(spawn: SpawnEngine, 
     assert stored["current_hash"] == sha256_hex(new)
     assert stored["previous_hash"] == sha256_hex(key)
     assert isinstance(stored["previous_valid_until"], float)
+    assert stored["retired_hashes"] == [sha256_hex(key)]
     path = engine.data_dir / "bap-keys.json"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert [p.name for p in engine.data_dir.iterdir() if p.name.startswith("bap-keys")] == ["bap-keys.json"]
@@ -144,8 +145,21 @@ async def test_newer_env_hash_wins_over_the_key_file(spawn: SpawnEngine, key: st
     assert await _status(again, recreated) == 200
     assert await _status(again, rotated) == 401
     assert await _status(again, key) == 401
-    assert _key_file(again) == {
-        "current_hash": sha256_hex(recreated),
-        "previous_hash": None,
-        "previous_valid_until": None,
-    }
+    stored = _key_file(again)
+    assert stored["current_hash"] == sha256_hex(recreated)
+    assert stored["retired_hashes"] == [sha256_hex(key), sha256_hex(rotated)]
+
+
+async def test_restart_with_the_creation_env_after_two_rotations_keeps_the_latest_key(
+    spawn: SpawnEngine, key: str
+) -> None:
+    """A restarted container keeps its creation env: that hash is retired, not newer, so the file wins."""
+    engine = await spawn()
+    second, third = new_key(), new_key()
+    assert (await _rotate(engine, key, {"key_hash": sha256_hex(second), "overlap_seconds": 0})).status_code == 200
+    assert (await _rotate(engine, second, {"key_hash": sha256_hex(third), "overlap_seconds": 0})).status_code == 200
+    assert await engine.stop() == 0
+    again = await spawn(data_dir=engine.data_dir)  # ENGINE_KEY_HASH is still sha256(key)
+    assert await _status(again, third) == 200
+    assert await _status(again, second) == 401
+    assert await _status(again, key) == 401

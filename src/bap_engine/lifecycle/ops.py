@@ -7,7 +7,7 @@ import time
 
 import orjson
 
-from bap_engine.backends.base import BackendError, EngineAbsent
+from bap_engine.backends.base import BackendError
 from bap_engine.errors import BackendFailed, EngineBusy, EngineNotRunning
 from bap_engine.keys import hash_key, new_engine_key
 from bap_engine.lifecycle.probe import call_engine
@@ -126,10 +126,6 @@ class Lifecycle(LifecycleCore):
         if claimed.status != S.FAILED:
             await self.release(claimed)
             return None
-        try:
-            await self.backend.stop(row.id, 2)
-        except (BackendError, EngineAbsent):
-            pass
         return await self.bring_up(claimed, AuditAction.AUTO_RESTART_SUCCESS, actor="system",
                                    metadata={"attempt": attempt})
 

@@ -238,6 +238,7 @@ class LifecycleCore:
             if not await self.wait_healthy(row.url, self.settings.boot_timeout_s):
                 raise BootTimeout(f"engine did not become healthy within {self.settings.boot_timeout_s:g}s")
         except (BootTimeout, BackendFailed) as err:
+            await self._halt(row.id)  # never leave a half-alive engine behind a failed row
             await self.finish(row, None, status=S.FAILED, sleep_kind=None, next_restart_at=None)
             raise err from None
         ms = int((time.monotonic() - started) * 1000)
@@ -247,7 +248,15 @@ class LifecycleCore:
             last_health_at=now(), last_active_at=now(),
         )
 
+    async def _halt(self, engine_id: str) -> None:
+        try:
+            await self.backend.stop(engine_id, min(2.0, self.settings.stop_grace_s))
+        except BackendError:
+            pass  # the reconciler sees what is left
+
     async def _run_backend(self, row: EngineRow) -> None:
+        if row.status == S.FAILED:
+            await self._halt(row.id)  # a failed engine may still hold its port half-alive
         try:
             if row.status == S.SLEEPING and row.sleep_kind == "label":
                 return

@@ -1,8 +1,9 @@
 """The engine process: wire the settings, SQLite, key ring and HTTP server, and run until a signal.
 
 Owns process start and stop: read the environment, open SQLite and the key ring, serve HTTP until
-SIGTERM or SIGINT, then close SQLite. ``main`` returns the exit code: 0 after a clean stop, 2 on a
-configuration error (the message names the variable, never its value).
+SIGTERM or SIGINT, then close SQLite. ``main`` returns the exit code: 0 after a clean stop, 1 when
+the data or the port cannot be opened, 2 on a configuration error (the message names the variable,
+never its value). Logs go to stderr; ``LOG_LEVEL`` (default INFO) sets their level.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import logging
 import os
 import signal
+import sqlite3
 import sys
 
 from .config import ConfigError, EngineConfig, load_config
@@ -42,8 +44,9 @@ async def _run(config: EngineConfig) -> None:
 
 def main() -> int:
     """Run the engine; returns the process exit code."""
+    level = os.environ.get("LOG_LEVEL", "").upper()
     logging.basicConfig(
-        level=os.environ.get("LOG_LEVEL", "INFO").upper(),
+        level=level if level in logging.getLevelNamesMapping() else "INFO",
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
         stream=sys.stderr,
     )
@@ -53,5 +56,8 @@ def main() -> int:
     except (ConfigError, KeyFileError) as exc:
         _log.error("configuration error: %s", exc)
         return 2
+    except (OSError, sqlite3.Error) as exc:
+        _log.error("cannot start: %s", exc)
+        return 1
     return 0
 

@@ -1,12 +1,15 @@
 """The engine key ring: which key hashes are accepted now, and live rotation.
 
-Owns ``<data dir>/bap-keys.json`` ({current_hash, previous_hash, previous_valid_until}), written
-atomically (temp file, fsync, rename). Only sha256 hashes are ever stored or compared; a plaintext
-key is hashed on arrival and never kept, logged or echoed.
+Owns ``<data dir>/bap-keys.json`` ({current_hash, previous_hash, previous_valid_until,
+retired_hashes}), written atomically (temp file, fsync, rename). Only sha256 hashes are ever stored
+or compared; a plaintext key is hashed on arrival and never kept, logged or echoed.
 
-Which hash wins at start: the file, so a restart keeps a rotated key; unless the environment's
-hash is neither the file's current nor its previous hash, in which case the orchestrator has
-re-created the engine with a newer key and the environment wins (the file is rewritten to match).
+Which hash wins at start: the file, so a restart keeps a rotated key, as long as the environment's
+hash is one the file knows (current, previous or retired). A container restarted by Docker or
+Kubernetes keeps the environment it was created with, so after two rotations its
+``ENGINE_KEY_HASH`` is neither current nor previous, only retired, and must still lose. A hash the
+file has never seen means the orchestrator re-created the engine with a new key: the environment
+wins and the file is rewritten to match.
 """
 
 from __future__ import annotations
@@ -22,14 +25,24 @@ from typing import NamedTuple
 
 from .config import is_key_hash
 
-__all__ = ["KEY_FILE_NAME", "KeyFileError", "KeyRing", "KeyState"]
+__all__ = ["KEY_FILE_NAME", "MAX_RETIRED", "KeyFileError", "KeyRing", "KeyState"]
 
 KEY_FILE_NAME = "bap-keys.json"
+MAX_RETIRED = 64  # superseded hashes remembered, oldest dropped first
 _log = logging.getLogger("bap_refengine.keys")
 
 
 class KeyFileError(Exception):
     """Raised when there is no usable key: no environment hash and no readable key file."""
+
+
+def _hash_field(raw: dict[str, object], name: str) -> str | None:
+    value = raw.get(name)
+    if value is None:
+        return None
+    if not is_key_hash(value):
+        raise ValueError(f"{name} malformed")
+    return value.lower()
 
 
 class KeyState(NamedTuple):
@@ -38,6 +51,16 @@ class KeyState(NamedTuple):
     current_hash: str
     previous_hash: str | None = None
     previous_valid_until: float | None = None
+    retired_hashes: tuple[str, ...] = ()  # every hash that was ever current, oldest first
+
+    def knows(self, key_hash: str) -> bool:
+        """True when ``key_hash`` is, or once was, this engine's key hash."""
+        return key_hash in (self.current_hash, self.previous_hash) or key_hash in self.retired_hashes
+
+    def superseded_by(self, new_hash: str, previous_valid_until: float) -> KeyState:
+        """The state after ``new_hash`` replaces the current hash."""
+        retired = tuple(h for h in (*self.retired_hashes, self.current_hash) if h != new_hash)
+        return KeyState(new_hash, self.current_hash, previous_valid_until, retired[-MAX_RETIRED:])
 
     def to_json(self) -> dict[str, object]:
         """The on-disk form."""
@@ -45,24 +68,27 @@ class KeyState(NamedTuple):
             "current_hash": self.current_hash,
             "previous_hash": self.previous_hash,
             "previous_valid_until": self.previous_valid_until,
+            "retired_hashes": list(self.retired_hashes),
         }
 
     @classmethod
     def from_json(cls, raw: object) -> KeyState:
         """Parse the on-disk form; raises ValueError when it is malformed."""
-        if not isinstance(raw, dict) or not is_key_hash(raw.get("current_hash")):
-            raise ValueError("current_hash missing or malformed")
-        previous = raw.get("previous_hash")
+        if not isinstance(raw, dict):
+            raise ValueError("not a JSON object")
+        current = _hash_field(raw, "current_hash")
+        if current is None:
+            raise ValueError("current_hash missing")
+        previous = _hash_field(raw, "previous_hash")
         until = raw.get("previous_valid_until")
-        if previous is not None and not is_key_hash(previous):
-            raise ValueError("previous_hash malformed")
         if until is not None and (isinstance(until, bool) or not isinstance(until, int | float)):
             raise ValueError("previous_valid_until malformed")
-        return cls(
-            current_hash=str(raw["current_hash"]).lower(),
-            previous_hash=str(previous).lower() if previous is not None else None,
-            previous_valid_until=float(until) if previous is not None and until is not None else None,
-        )
+        retired = raw.get("retired_hashes", [])
+        if not isinstance(retired, list) or not all(is_key_hash(h) for h in retired):
+            raise ValueError("retired_hashes malformed")
+        if previous is None or until is None:
+            previous, until = None, None
+        return cls(current, previous, None if until is None else float(until), tuple(h.lower() for h in retired))
 
 
 def _read(path: str) -> KeyState | None:
@@ -110,14 +136,15 @@ class KeyRing:
         """Pick the starting key state (see the module docstring); raises KeyFileError if none."""
         path = os.path.join(data_dir, KEY_FILE_NAME)
         stored = _read(path)
-        if stored is not None and env_hash in (None, stored.current_hash, stored.previous_hash):
+        if stored is not None and (env_hash is None or stored.knows(env_hash)):
             return cls(path, stored, clock)
         if env_hash is None:
             raise KeyFileError("no key: set ENGINE_KEY_HASH (or ENGINE_API_KEY for development)")
-        ring = cls(path, KeyState(current_hash=env_hash), clock)
-        if stored is not None:
-            _log.info("environment key hash is newer than %s; using it", KEY_FILE_NAME)
-            _write_atomic(path, ring._state)
+        if stored is None:
+            return cls(path, KeyState(current_hash=env_hash), clock)
+        _log.info("environment key hash is newer than %s; using it", KEY_FILE_NAME)
+        ring = cls(path, stored.superseded_by(env_hash, previous_valid_until=clock()), clock)
+        _write_atomic(path, ring._state)
         return ring
 
     @property
@@ -144,13 +171,10 @@ class KeyRing:
         return ok_current or ok_previous
 
     def rotate(self, new_hash: str, overlap_seconds: int) -> None:
-        """Make ``new_hash`` current; the old hash stays valid for ``overlap_seconds`` (0 = never).
+        """Make ``new_hash`` current; the old hash stays valid for ``overlap_seconds`` (0 = not at all).
 
         Persists before switching, so an answered rotation always survives a restart.
         """
-        if overlap_seconds > 0:
-            new_state = KeyState(new_hash.lower(), self._state.current_hash, self._clock() + overlap_seconds)
-        else:
-            new_state = KeyState(new_hash.lower())
+        new_state = self._state.superseded_by(new_hash.lower(), self._clock() + overlap_seconds)
         _write_atomic(self._path, new_state)
         self._state = new_state
