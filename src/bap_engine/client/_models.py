@@ -1,0 +1,246 @@
+"""Typed results of the client: frozen dataclasses parsed from the API's JSON.
+
+Keys (`api_key`, `platform_api_key`) are excluded from `repr`, so printing a result never shows one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from bap_engine.client._errors import BapClientError, NotAdmitted
+
+__all__ = [
+    "Engine", "Admission", "EngineAction", "EnginePage", "FleetStatus", "FleetMetrics", "BootBucket",
+    "RegisteredProduct", "Product", "AuditEvent", "Json",
+]
+
+Json = dict[str, object]
+
+
+def _obj(doc: object) -> Json:
+    if not isinstance(doc, dict):
+        raise BapClientError("unexpected response: not a JSON object", code="BAD_RESPONSE")
+    return doc
+
+
+def _s(doc: Json, key: str) -> str:
+    value = doc.get(key)
+    if not isinstance(value, str):
+        raise BapClientError(f"unexpected response: {key} is not a string", code="BAD_RESPONSE")
+    return value
+
+
+def _os(doc: Json, key: str) -> str | None:
+    value = doc.get(key)
+    return value if isinstance(value, str) else None
+
+
+def _i(doc: Json, key: str) -> int:
+    value = doc.get(key)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise BapClientError(f"unexpected response: {key} is not an integer", code="BAD_RESPONSE")
+    return value
+
+
+def _oi(doc: Json, key: str) -> int | None:
+    value = doc.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _ts(doc: Json, key: str) -> datetime | None:
+    value = _os(doc, key)
+    return datetime.fromisoformat(value) if value else None
+
+
+def _counts(value: object) -> Mapping[str, int]:
+    return {str(k): int(v) for k, v in value.items() if isinstance(v, int)} if isinstance(value, dict) else {}
+
+
+@dataclass(frozen=True, slots=True)
+class Engine:
+    """A user's engine. `api_key` is set only by provision, get, admit and rotate_key."""
+
+    engine_id: str
+    user_id: str
+    status: str
+    url: str | None
+    api_key: str | None = field(default=None, repr=False)
+    engine_version: str | None = None
+    created_at: datetime | None = None
+    last_health_at: datetime | None = None
+
+    @classmethod
+    def parse(cls, raw: object) -> Engine:
+        doc = _obj(raw)
+        return cls(engine_id=_s(doc, "engine_id"), user_id=_s(doc, "user_id"), status=_s(doc, "status"),
+                   url=_os(doc, "url"), api_key=_os(doc, "api_key"), engine_version=_os(doc, "engine_version"),
+                   created_at=_ts(doc, "created_at"), last_health_at=_ts(doc, "last_health_at"))
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """The answer of admit: the engine (URL and key) when admitted, else the reason."""
+
+    admitted: bool
+    engine: Engine | None = None
+    reason: str | None = None
+
+    @property
+    def url(self) -> str | None:
+        return self.engine.url if self.engine else None
+
+    @property
+    def api_key(self) -> str | None:
+        return self.engine.api_key if self.engine else None
+
+    def require(self) -> Engine:
+        """The admitted engine. Raises NotAdmitted with the reason."""
+        if not self.admitted or self.engine is None or not self.engine.url or not self.engine.api_key:
+            raise NotAdmitted(self.reason or "unknown")
+        return self.engine
+
+    @classmethod
+    def parse(cls, raw: object) -> Admission:
+        doc = _obj(raw)
+        engine = doc.get("engine")
+        return cls(admitted=doc.get("admitted") is True, engine=Engine.parse(engine) if engine else None,
+                   reason=_os(doc, "reason"))
+
+
+@dataclass(frozen=True, slots=True)
+class EngineAction:
+    """The answer of start, stop and destroy."""
+
+    engine_id: str
+    status: str
+    url: str | None = None
+
+    @classmethod
+    def parse(cls, raw: object) -> EngineAction:
+        doc = _obj(raw)
+        return cls(engine_id=_s(doc, "engine_id"), status=_s(doc, "status"), url=_os(doc, "url"))
+
+
+@dataclass(frozen=True, slots=True)
+class EnginePage:
+    """One page of a fleet listing (never with keys) and the total matching."""
+
+    engines: tuple[Engine, ...]
+    total: int
+
+    @classmethod
+    def parse(cls, raw: object) -> EnginePage:
+        doc = _obj(raw)
+        items = doc.get("engines")
+        engines = tuple(Engine.parse(e) for e in items) if isinstance(items, list) else ()
+        return cls(engines=engines, total=_i(doc, "total"))
+
+
+@dataclass(frozen=True, slots=True)
+class FleetStatus:
+    total: int
+    by_status: Mapping[str, int]
+    health: str
+    unhealthy_count: int
+
+    @classmethod
+    def parse(cls, raw: object) -> FleetStatus:
+        doc = _obj(raw)
+        return cls(total=_i(doc, "total"), by_status=_counts(doc.get("by_status")), health=_s(doc, "health"),
+                   unhealthy_count=_i(doc, "unhealthy_count"))
+
+
+@dataclass(frozen=True, slots=True)
+class BootBucket:
+    """Provisions whose boot took at most `le_ms` (None: the rest), not cumulative."""
+
+    le_ms: int | None
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class FleetMetrics:
+    """Rolling-hour figures; `boot_buckets` only from the admin per-product metrics."""
+
+    provisions_1h: int
+    crashes_1h: int
+    restarts_1h: int
+    avg_boot_ms: float | None
+    total_provisions: int
+    total_destroys: int
+    boot_buckets: tuple[BootBucket, ...] = ()
+
+    @classmethod
+    def parse(cls, raw: object) -> FleetMetrics:
+        doc = _obj(raw)
+        avg = doc.get("avg_boot_ms")
+        buckets: list[BootBucket] = []
+        boot = doc.get("boot_ms")
+        if isinstance(boot, dict) and isinstance(boot.get("buckets"), list):
+            for b in boot["buckets"]:
+                if isinstance(b, dict):
+                    buckets.append(BootBucket(le_ms=_oi(b, "le"), count=_i(b, "count")))
+        return cls(provisions_1h=_i(doc, "provisions_1h"), crashes_1h=_i(doc, "crashes_1h"),
+                   restarts_1h=_i(doc, "restarts_1h"),
+                   avg_boot_ms=float(avg) if isinstance(avg, int | float) else None,
+                   total_provisions=_i(doc, "total_provisions"), total_destroys=_i(doc, "total_destroys"),
+                   boot_buckets=tuple(buckets))
+
+
+@dataclass(frozen=True, slots=True)
+class RegisteredProduct:
+    """A new product; its platform key is shown once."""
+
+    product_id: str
+    slug: str
+    platform_api_key: str = field(repr=False)
+
+    @classmethod
+    def parse(cls, raw: object) -> RegisteredProduct:
+        doc = _obj(raw)
+        return cls(_s(doc, "product_id"), _s(doc, "slug"), _s(doc, "platform_api_key"))
+
+
+@dataclass(frozen=True, slots=True)
+class Product:
+    """A product as the admin listing shows it, with its engines counted by state."""
+
+    product_id: str
+    slug: str
+    display_name: str
+    policy: Mapping[str, object]
+    created_at: datetime | None
+    by_status: Mapping[str, int]
+    total: int
+
+    @classmethod
+    def parse(cls, raw: object) -> Product:
+        doc = _obj(raw)
+        policy = doc.get("policy")
+        return cls(product_id=_s(doc, "product_id"), slug=_s(doc, "slug"), display_name=_s(doc, "display_name"),
+                   policy=dict(policy) if isinstance(policy, dict) else {}, created_at=_ts(doc, "created_at"),
+                   by_status=_counts(doc.get("by_status")), total=_i(doc, "total"))
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    id: int
+    timestamp: datetime | None
+    product_id: str | None
+    user_id: str | None
+    engine_id: str | None
+    action: str
+    actor: str
+    metadata: Mapping[str, object]
+    duration_ms: int | None
+
+    @classmethod
+    def parse(cls, raw: object) -> AuditEvent:
+        doc = _obj(raw)
+        meta = doc.get("metadata")
+        return cls(id=_i(doc, "id"), timestamp=_ts(doc, "timestamp"), product_id=_os(doc, "product_id"),
+                   user_id=_os(doc, "user_id"), engine_id=_os(doc, "engine_id"), action=_s(doc, "action"),
+                   actor=_s(doc, "actor"), metadata=dict(meta) if isinstance(meta, dict) else {},
+                   duration_ms=_oi(doc, "duration_ms"))
