@@ -13,7 +13,15 @@ import httpx
 
 from bap_engine.client._errors import BapClientError, MissingKey
 from bap_engine.client._models import (
-    Admission, AuditEvent, Engine, EngineAction, EnginePage, FleetMetrics, FleetStatus, Json, Product,
+    Admission,
+    AuditEvent,
+    Engine,
+    EngineAction,
+    EnginePage,
+    FleetMetrics,
+    FleetStatus,
+    Json,
+    Product,
     RegisteredProduct,
 )
 
