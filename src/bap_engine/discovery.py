@@ -20,7 +20,7 @@ from bap_engine.audit import Denial
 from bap_engine.errors import BapError, InvalidPlatformKey, RateLimited
 from bap_engine.keys import hash_key
 from bap_engine.lifecycle import EngineView, Lifecycle, view
-from bap_engine.policy import RateLimiter, parse_policy
+from bap_engine.policy import Policy, RateLimiter, parse_policy
 from bap_engine.registry import EngineRow, ProductRow
 from bap_engine.states import EngineState
 
@@ -65,7 +65,7 @@ class Discovery:
                 self._deny(product, "rate_limited")
                 raise
         try:
-            result = await self._decide(product, user_id, row, auto_provision, auto_wake)
+            result = await self._decide(product, policy, user_id, row, auto_provision, auto_wake)
         except BapError as err:
             self._deny(product, err.code.lower())
             raise
@@ -76,14 +76,17 @@ class Discovery:
         return result
 
     async def _decide(
-        self, product: ProductRow, user_id: str, row: EngineRow | None, auto_provision: bool, auto_wake: bool
+        self, product: ProductRow, policy: Policy, user_id: str, row: EngineRow | None, auto_provision: bool,
+        auto_wake: bool,
     ) -> Admission:
         deadline = time.monotonic() + self._lifecycle.settings.boot_timeout_s + 5
         while True:
             if row is None:
                 if not auto_provision:
                     return Admission(False, reason="engine_not_found")
-                row, key = await self._lifecycle.provision(product, user_id, actor=product.slug, reuse_existing=True)
+                row, key = await self._lifecycle.provision(
+                    product, user_id, policy.engine_version, actor=product.slug, max_engines=policy.max_engines,
+                    reuse_existing=True)
                 if key is not None:
                     return Admission(True, view(row, key))
             if row.status == S.RUNNING:

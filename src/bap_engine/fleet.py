@@ -22,7 +22,7 @@ from bap_engine.policy import parse_policy
 from bap_engine.registry import ProductRow
 from bap_engine.states import AuditAction, EngineState
 
-__all__ = ["Fleet", "health_of", "AuditTotals", "ActionTotal", "COUNTED_ACTIONS"]
+__all__ = ["Fleet", "ProductRow", "health_of", "AuditTotals", "ActionTotal", "COUNTED_ACTIONS"]
 
 
 def health_of(total: int, failed: int) -> str:

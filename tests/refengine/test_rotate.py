@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import stat
 import uuid
+from pathlib import Path
 
 import httpx
 
@@ -163,3 +164,12 @@ async def test_restart_with_the_creation_env_after_two_rotations_keeps_the_lates
     assert await _status(again, third) == 200
     assert await _status(again, second) == 401
     assert await _status(again, key) == 401
+
+
+async def test_damaged_key_file_falls_back_to_the_env_hash(spawn: SpawnEngine, key: str, tmp_path: Path) -> None:
+    data_dir = tmp_path / "damaged"
+    data_dir.mkdir()
+    (data_dir / "bap-keys.json").write_text('{"current_hash": "not-a-hash"')
+    engine = await spawn(data_dir=data_dir)
+    assert await _status(engine, key) == 200
+    assert "ignoring unreadable bap-keys.json" in engine.log()

@@ -12,9 +12,8 @@ from fastapi import Depends, Header, Path, Request
 from bap_engine.api.models import USER_ID_PATTERN
 from bap_engine.discovery import Discovery
 from bap_engine.errors import ValidationFailed
-from bap_engine.fleet import Fleet
+from bap_engine.fleet import Fleet, ProductRow
 from bap_engine.lifecycle import Lifecycle
-from bap_engine.registry import ProductRow
 
 __all__ = [
     "Services", "LifecycleDep", "DiscoveryDep", "FleetDep", "ProductDep", "AdminDep", "UserIdDep",

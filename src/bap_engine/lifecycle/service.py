@@ -38,11 +38,11 @@ from bap_engine.errors import (
     EngineNotFound,
     EngineNotRunning,
     PortExhaustion,
+    QuotaExceeded,
 )
 from bap_engine.keys import KeySealer, hash_key, new_engine_key
 from bap_engine.lifecycle.probe import probe_health
 from bap_engine.lifecycle.views import EngineView, view
-from bap_engine.policy import check_quota, parse_policy
 from bap_engine.registry import EngineRow, ProductRow
 from bap_engine.states import AuditAction, EngineState
 
@@ -124,15 +124,14 @@ class LifecycleCore:
     # ---- provision -----------------------------------------------------------------------
     async def provision(
         self, product: ProductRow, user_id: str, engine_version: str | None = None, *,
-        actor: str, reuse_existing: bool = False,
+        actor: str, max_engines: int | None = None, reuse_existing: bool = False,
     ) -> tuple[EngineRow, str | None]:
         """Create a user's engine and wait until healthy. Returns (row, plaintext key).
 
         With reuse_existing an existing row is returned as is (key None) instead of
         raising EngineAlreadyExists. Raises QuotaExceeded, PortExhaustion, BootTimeout,
         BackendFailed."""
-        policy = parse_policy(product.policy)
-        version = engine_version or policy.engine_version or self.settings.engine_image
+        version = engine_version or self.settings.engine_image
         key = new_engine_key()
         async with self.pool.acquire() as conn, conn.transaction():
             await registry.lock_product(conn, product.id)
@@ -141,7 +140,10 @@ class LifecycleCore:
                 if reuse_existing:
                     return existing, None
                 raise EngineAlreadyExists()
-            check_quota(policy, await registry.count_engines(conn, product.id))
+            if max_engines is not None:
+                existing_count = await registry.count_engines(conn, product.id)
+                if existing_count >= max_engines:
+                    raise QuotaExceeded(f"product already has {existing_count} engines (max_engines={max_engines})")
             row = await self._insert(conn, product, user_id, version, key)
         return await self._boot(row, actor), key
 

@@ -108,12 +108,10 @@ def _read(path: str) -> KeyState | None:
 def _write_atomic(path: str, state: KeyState) -> None:
     tmp = f"{path}.{os.getpid()}.tmp"
     data = json.dumps(state.to_json(), separators=(",", ":")).encode()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
     # fsync the directory too, so the rename itself survives a power cut.
     dir_fd = os.open(os.path.dirname(path), os.O_RDONLY)
@@ -147,28 +145,18 @@ class KeyRing:
         _write_atomic(path, ring._state)
         return ring
 
-    @property
-    def state(self) -> KeyState:
-        """The key material in force."""
-        return self._state
-
     def accepts(self, key: bytes | None, *, current_only: bool = False) -> bool:
         """True when sha256(key) matches the current hash, or (unless ``current_only``) the previous
         one inside its overlap window."""
         if not key:
             return False
         offered = hashlib.sha256(key).hexdigest()
-        # Compare against both hashes unconditionally so timing does not reveal which matched.
-        ok_current = hmac.compare_digest(offered, self._state.current_hash)
-        previous, until = self._state.previous_hash, self._state.previous_valid_until
-        ok_previous = (
-            not current_only
-            and previous is not None
-            and until is not None
-            and hmac.compare_digest(offered, previous)
-            and self._clock() < until
-        )
-        return ok_current or ok_previous
+        state = self._state
+        # Both comparisons always run, in constant time, so timing reveals nothing about either hash.
+        ok_current = hmac.compare_digest(offered, state.current_hash)
+        ok_previous = hmac.compare_digest(offered, state.previous_hash or "")
+        in_window = state.previous_valid_until is not None and self._clock() < state.previous_valid_until
+        return ok_current or (ok_previous and in_window and not current_only)
 
     def rotate(self, new_hash: str, overlap_seconds: int) -> None:
         """Make ``new_hash`` current; the old hash stays valid for ``overlap_seconds`` (0 = not at all).

@@ -13,6 +13,7 @@ from bap_engine.api.models import AdmitBody, AdmitOut, EngineOut, ErrorOut, Prov
 from bap_engine.api.responses import JSON
 from bap_engine.errors import InvalidPlatformKey, ValidationFailed
 from bap_engine.lifecycle import EngineView
+from bap_engine.policy import parse_policy
 
 __all__ = ["router", "engine_json"]
 
@@ -35,7 +36,9 @@ def engine_json(v: EngineView, *, with_key: bool = True) -> dict[str, object]:
 async def provision(body: ProvisionBody, product: ProductDep, lifecycle: LifecycleDep) -> JSON:
     """Provision the user's engine and wait until it is healthy."""
     check_user_id(body.user_id)
-    row, key = await lifecycle.provision(product, body.user_id, body.engine_version, actor=product.slug)
+    policy = parse_policy(product.policy)
+    row, key = await lifecycle.provision(product, body.user_id, body.engine_version or policy.engine_version,
+                                         actor=product.slug, max_engines=policy.max_engines)
     return JSON({"engine_id": row.id, "user_id": row.user_id, "status": "running", "url": row.url,
                            "api_key": key})
 

@@ -1,0 +1,203 @@
+"""Prometheus metrics of one app: a registry per app (never the global one), rendered at scrape time.
+
+Where each figure comes from (deploy/README-ops.md has the list):
+
+- from the database at scrape time, so every replica answers the same: engines by product and
+  state (`bap_engines`), and from the audit log the all-time counters of provisions, provision
+  failures, destroys, crashes (`health_failed`), restarts (`auto_restart_start`), wakes, admission
+  denials by reason, and the boot and wake time histograms (audit `duration_ms`);
+- per process, labelled `replica`: admissions by product (`bap_admits_total`) and the admit
+  latency histogram, counted by `MeteredDiscovery` (one dict increment and one observe per admit),
+  and the worker health read from the leader election (`bap_leader`, `bap_worker_last_sweep_seconds`).
+
+Never imports SQL or a backend: the figures come through `Fleet` and the services.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+
+from bap_engine.discovery import Admission, Discovery
+from bap_engine.fleet import AuditTotals, Fleet
+
+__all__ = ["OpsMetrics", "MeteredDiscovery", "replica_id", "BOOT_BOUNDS_MS", "CONTENT_TYPE"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+BOOT_BOUNDS_MS = (100, 250, 500, 1000, 2500, 5000, 10_000, 30_000, 60_000)
+ADMIT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+OUTCOMES = ("admitted", "denied", "error")
+
+# audit action → (metric name without _total, help)
+_COUNTERS = {
+    "provision": ("bap_provisions", "Engines provisioned (audit log, all replicas)"),
+    "provision_failed": ("bap_provision_failures", "Failed provisions (audit log, all replicas)"),
+    "destroy": ("bap_destroys", "Engines destroyed (audit log, all replicas)"),
+    "health_failed": ("bap_crashes", "Engines marked failed by the health loop (audit log, all replicas)"),
+    "auto_restart_start": ("bap_restarts", "Automatic restart attempts (audit log, all replicas)"),
+    "wake": ("bap_wakes", "Sleeping engines woken (audit log, all replicas)"),
+}
+_HISTOGRAMS = {
+    "provision": ("bap_engine_boot_seconds", "Provision-to-healthy time (audit log duration_ms, all replicas)"),
+    "wake": ("bap_engine_wake_seconds", "Wake-to-healthy time (audit log duration_ms, all replicas)"),
+}
+
+
+class _Product(Protocol):
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def slug(self) -> str: ...
+
+
+_Products = list[tuple[_Product, dict[str, int]]]
+
+
+def replica_id() -> str:
+    """hostname-pid: distinct per orchestrator process."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Snapshot:
+    products: _Products
+    totals: AuditTotals
+    leadership: object | None
+
+
+class OpsMetrics:
+    """The app's registry: per-process instruments plus a collector over a scrape-time snapshot."""
+
+    def __init__(self, replica: str | None = None) -> None:
+        self.replica = replica or replica_id()
+        self.registry = CollectorRegistry()
+        latency = Histogram("bap_admit_latency_seconds", "Admit handling time in this replica, by outcome",
+                            ["replica", "outcome"], registry=self.registry, buckets=ADMIT_BUCKETS_S)
+        self._latency = {o: latency.labels(self.replica, o) for o in OUTCOMES}
+        self.admits: Counter[str] = Counter()  # product id → admitted requests in this process
+        self._snapshot: _Snapshot | None = None
+        self.registry.register(_ScrapeCollector(self))
+
+    def observe_admit(self, product_id: str | None, outcome: str, seconds: float) -> None:
+        """Hot path: one dict increment and one histogram observe."""
+        if product_id is not None:
+            self.admits[product_id] += 1
+        self._latency[outcome].observe(seconds)
+
+    async def render(self, fleet: Fleet, leadership: object | None) -> bytes:
+        """The Prometheus text: database reads first, then one synchronous render."""
+        products: _Products = list(await fleet.products())
+        totals = await fleet.audit_totals(BOOT_BOUNDS_MS)
+        # No await between setting the snapshot and rendering: concurrent scrapes cannot mix.
+        self._snapshot = _Snapshot(products, totals, leadership)
+        try:
+            return generate_latest(self.registry)
+        finally:
+            self._snapshot = None
+
+    def families(self) -> Iterable[Metric]:
+        snap = self._snapshot
+        if snap is None:
+            return []
+        slugs = {p.id: p.slug for p, _ in snap.products}
+        out: list[Metric] = [_engines(snap.products)]
+        out.extend(_audit_counters(snap.totals, slugs))
+        out.extend(_audit_histograms(snap.totals, slugs))
+        admits = CounterMetricFamily("bap_admits", "Admitted requests handled by this replica",
+                                     labels=["product", "replica"])
+        for product_id, n in sorted(self.admits.items()):
+            admits.add_metric([slugs.get(product_id, product_id), self.replica], n)
+        out.append(admits)
+        out.extend(_workers(snap.leadership, self.replica))
+        return out
+
+
+class _ScrapeCollector:
+    def __init__(self, metrics: OpsMetrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        return self._metrics.families()
+
+
+def _engines(products: _Products) -> Metric:
+    gauge = GaugeMetricFamily("bap_engines", "Engines by product and state (database, all replicas)",
+                              labels=["product", "state"])
+    for product, counts in products:
+        for state, n in sorted(counts.items()):
+            gauge.add_metric([product.slug, state], n)
+    return gauge
+
+
+def _audit_counters(totals: AuditTotals, slugs: Mapping[str, str]) -> list[Metric]:
+    counts = {(t.product_id, t.action): t.count for t in totals.actions}
+    out: list[Metric] = []
+    for action, (name, doc) in _COUNTERS.items():
+        family = CounterMetricFamily(name, doc, labels=["product"])
+        for product_id, slug in sorted(slugs.items(), key=lambda kv: kv[1]):
+            family.add_metric([slug], counts.get((product_id, action), 0))
+        out.append(family)
+    denials = CounterMetricFamily("bap_admit_denials", "Admissions denied, by reason (audit log, all replicas)",
+                                  labels=["product", "reason"])
+    for product_id, reason, n in sorted(totals.denials):
+        denials.add_metric([slugs.get(product_id, product_id), reason], n)
+    out.append(denials)
+    return out
+
+
+def _audit_histograms(totals: AuditTotals, slugs: Mapping[str, str]) -> list[Metric]:
+    out: list[Metric] = []
+    for action, (name, doc) in _HISTOGRAMS.items():
+        family = HistogramMetricFamily(name, doc, labels=["product"])
+        for t in sorted(totals.actions, key=lambda t: t.product_id):
+            if t.action != action or t.product_id not in slugs:
+                continue
+            buckets = [(f"{b / 1000:g}", float(n)) for b, n in zip(BOOT_BOUNDS_MS, t.buckets, strict=True)]
+            buckets.append(("+Inf", float(t.duration_count)))
+            family.add_metric([slugs[t.product_id]], buckets, sum_value=t.sum_ms / 1000)
+        out.append(family)
+    return out
+
+
+def _workers(leadership: object | None, replica: str) -> list[Metric]:
+    leader = GaugeMetricFamily("bap_leader", "1 when this replica holds the workers' leader lock",
+                               labels=["replica"])
+    leader.add_metric([replica], 1.0 if getattr(leadership, "is_leader", False) else 0.0)
+    sweep = GaugeMetricFamily("bap_worker_last_sweep_seconds", "Duration of the worker's last pass (leader only)",
+                              labels=["replica", "worker"])
+    workers = getattr(leadership, "workers", None)
+    if getattr(leadership, "is_leader", False) and isinstance(workers, dict):
+        for name, worker in sorted(workers.items()):
+            seconds = getattr(worker, "last_sweep_s", None)
+            if isinstance(seconds, int | float):
+                sweep.add_metric([replica, str(name)], float(seconds))
+    return [leader, sweep]
+
+
+class MeteredDiscovery(Discovery):
+    """Discovery that reports each admit to `metrics` (when attached); otherwise identical."""
+
+    metrics: OpsMetrics | None = None
+
+    async def admit(self, platform_key: str, user_id: str, *, auto_provision: bool, auto_wake: bool) -> Admission:
+        started = time.perf_counter()
+        try:
+            result = await super().admit(platform_key, user_id, auto_provision=auto_provision, auto_wake=auto_wake)
+        except Exception:
+            if self.metrics is not None:
+                self.metrics.observe_admit(None, "error", time.perf_counter() - started)
+            raise
+        if self.metrics is not None:
+            product_id = result.engine.product_id if result.admitted and result.engine else None
+            self.metrics.observe_admit(product_id, "admitted" if result.admitted else "denied",
+                                       time.perf_counter() - started)
+        return result

@@ -1,0 +1,70 @@
+"""GET /health: 200 when Postgres answers and migrations are applied, 503 SERVICE_UNAVAILABLE otherwise.
+
+Each case runs on its own throwaway database on the session's server, so the shared schema is
+never touched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+
+from bap_engine.config import Settings
+from tests.conftest import ResponseLog, assert_envelope, open_app
+
+
+def _with_database(dsn: str, name: str) -> str:
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path="/" + name))
+
+
+@contextlib.asynccontextmanager
+async def throwaway_database(pg_dsn: str) -> AsyncIterator[str]:
+    name = f"bap_health_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(pg_dsn)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield _with_database(pg_dsn, name)
+        finally:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+async def test_health_reflects_migrations(settings: Settings, pg_dsn: str, response_log: ResponseLog) -> None:
+    async with throwaway_database(pg_dsn) as dsn:
+        async with open_app(settings.model_copy(update={"database_url": dsn}), response_log) as (_, client):
+            r = await client.get("/health")
+            assert r.status_code == 200 and r.json() == {"status": "ok"}
+            conn = await asyncpg.connect(dsn)
+            try:
+                head = await conn.fetchval("SELECT version_num FROM alembic_version")
+                # an unknown (older or newer) schema version: not ready
+                await conn.execute("UPDATE alembic_version SET version_num = 'not-head'")
+                assert_envelope(await client.get("/health"), 503, "SERVICE_UNAVAILABLE")
+                await conn.execute("UPDATE alembic_version SET version_num = $1", head)
+                assert (await client.get("/health")).status_code == 200
+                # migrations not applied at all
+                await conn.execute("DROP TABLE alembic_version")
+                assert_envelope(await client.get("/health"), 503, "SERVICE_UNAVAILABLE")
+            finally:
+                await conn.close()
+
+
+async def test_fresh_database_is_migrated_at_start(settings: Settings, pg_dsn: str) -> None:
+    """An app on an empty database applies the migrations before it reports ready."""
+    async with throwaway_database(pg_dsn) as dsn:
+        conn = await asyncpg.connect(dsn)
+        try:
+            assert await conn.fetchval("SELECT to_regclass('alembic_version')") is None
+            async with open_app(settings.model_copy(update={"database_url": dsn})) as (app, client):
+                assert (await client.get("/health")).json() == {"status": "ok"}
+                assert await app.state.services.ready() is True
+            assert await conn.fetchval("SELECT count(*) FROM alembic_version") == 1
+        finally:
+            await conn.close()
