@@ -21,7 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -230,9 +230,18 @@ class Orchestrator:
                 await asyncio.sleep(0.1)
         key = self.env.get("ORCH_ADMIN_KEY")
         self.admin_key = key or (self.data_dir / "admin.key").read_text().strip()
-        pinned = pin_pid_tree(self.pid, ORCH_CPU)  # embedded Postgres: children of serve (already inherited)
-        log(f"{self.name}: serve pid {self.pid} on :{self.port}, pinned CPU {affinity_of(self.pid)} "
-            f"({len(pinned)} processes incl. Postgres)")
+        pin_pid_tree(self.pid, ORCH_CPU)
+        where = f"serve pid {self.pid} on :{self.port}, CPU {affinity_of(self.pid)}"
+        postmaster = self.postmaster()
+        if postmaster is not None:  # pg_ctl daemonizes it: not a descendant of serve, so pinned here
+            pinned = pin_pid_tree(postmaster, ORCH_CPU)
+            where += f"; embedded Postgres pid {postmaster} ({len(pinned)} processes), CPU {affinity_of(postmaster)}"
+        log(f"{self.name}: {where}")
+
+    def postmaster(self) -> int | None:
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            return int((self.data_dir / "pg" / "postmaster.pid").read_text().split()[0])
+        return None
 
     async def register(self, c: httpx.AsyncClient, slug: str, policy: dict[str, object] | None = None) -> str:
         body: dict[str, object] = {"slug": slug, "display_name": slug}
@@ -416,8 +425,8 @@ class Table:
         print(self.render(), flush=True)
 
 
-def skipped(title: str, reason: str) -> None:
-    print(f"== {title} ==\n{title.split(':')[0].lower()}: skipped ({reason})\n", flush=True)
+def skipped(title: str, name: str, reason: str) -> None:
+    print(f"== {title} ==\n{name}: skipped ({reason})\n", flush=True)
 
 
 def install_sigterm() -> None:
@@ -429,12 +438,18 @@ def install_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def run(main: object) -> None:
-    """Run a driver's async main on uvloop (what the orchestrator uses) when available."""
+def run(main: Coroutine[object, object, None]) -> None:
+    """Run a driver's async main on uvloop (what the orchestrator uses). On SIGTERM/SIGINT the
+    main task is cancelled, so its finally blocks (destroy, stop) run before we exit 130."""
     install_sigterm()
     try:
         import uvloop
 
-        uvloop.run(main)  # type: ignore[arg-type]
+        runner = uvloop.run
     except ImportError:
-        asyncio.run(main)  # type: ignore[arg-type]
+        runner = asyncio.run
+    try:
+        runner(main)
+    except KeyboardInterrupt as err:
+        log(f"interrupted ({err}); cleaned up")
+        sys.exit(130)

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import httpx
+
 from common import (
     LOAD_CPU,
     ROOT,
@@ -227,7 +228,7 @@ async def main(workdir: Path, results: Path) -> int:
                 destroyed, bad = await o.destroy_all(c)
                 log(f"destroyed {destroyed} engines ({bad} failed)")
             o.stop()
-    t.print()
+            t.print()
     return rc
 
 

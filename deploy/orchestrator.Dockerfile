@@ -1,18 +1,17 @@
 # The bap-engine orchestrator (control plane), installed from source into /opt/venv.
-# Build with scripts/build-images.sh: it stages a small context (pyproject.toml, README.md, src/ and,
-# when the host's pip uses a custom CA bundle, that bundle as build-ca.crt). Dependencies come from
+# Build with scripts/build-images.sh: it stages a small context (pyproject.toml, README.md, src/,
+# requirements.txt = build requires + dependencies from pyproject.toml, and, when the host's pip uses
+# a custom CA bundle, that bundle as build-ca.crt). Dependencies come from
 # PyPI at build time. With a registry: --build-arg BASE_IMAGE=python:3.11-slim-bookworm
 ARG BASE_IMAGE=local/python:3.11-bookworm
 
-# Stage 1: the dependencies (the only step that needs PyPI; cached until pyproject.toml changes).
+# Stage 1: the dependencies (the only step that needs PyPI; cached until the dependency list changes).
 FROM ${BASE_IMAGE} AS deps
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 # `build-ca.cr[t]` is optional (the wildcard lets the build go on without it); it stays in this stage.
-COPY pyproject.toml build-ca.cr[t] /build/
+COPY requirements.txt build-ca.cr[t] /build/
 RUN if [ -s /build/build-ca.crt ]; then export PIP_CERT=/build/build-ca.crt; fi \
     && python3 -m venv /opt/venv \
-    && python3 -c "import tomllib; d = tomllib.load(open('/build/pyproject.toml', 'rb')); \
-print('\n'.join(d['build-system']['requires'] + d['project']['dependencies']))" >/build/requirements.txt \
     && /opt/venv/bin/pip install -r /build/requirements.txt
 
 # Stage 2: the runtime image; installing the project itself needs no network.

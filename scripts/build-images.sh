@@ -5,13 +5,15 @@
 #   1. local/debian:bookworm        debootstrap --variant=minbase + `docker import`   (cached by tag)
 #   2. local/python:3.11-bookworm   python3, python3-venv and python3-h11 installed in a chroot copy
 #                                   of (1), then `docker import`                    (cached by tag)
-#   3. bap-engine/refengine:<ver>   deploy/engine.Dockerfile (stdlib + h11; no PyPI at build time)
+#   3. bap-engine/refengine:<ver>   deploy/engine.Dockerfile (stdlib + h11; no PyPI at build time),
+#                                   also tagged :dev (the contract tests' default image)
 #   4. bap-engine/orchestrator:<ver> deploy/orchestrator.Dockerfile (the project installed from source;
 #                                   dependencies come from PyPI through the bridge NAT)
 #
 # Images 3 and 4 are rebuilt on every run (docker's layer cache makes a warm run cheap). The Debian
 # mirror is the one apt already uses (/etc/apt/sources.list.d/*.sources), or $BAP_DEBIAN_MIRROR.
-# BAP_REBUILD_BASE=1 rebuilds 1 and 2 even when their tags exist. BAP_SKIP_ORCHESTRATOR=1 skips 4.
+# BAP_BASE_IMAGE=python:3.11-slim-bookworm (with a registry) skips 1 and 2 and builds on that image.
+# BAP_BUILD_VERBOSE=1 shows docker build's output. BAP_REBUILD_BASE=1 rebuilds 1 and 2 even when their tags exist. BAP_SKIP_ORCHESTRATOR=1 skips 4.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -19,6 +21,8 @@ VERSION=$(sed -n 's/^__version__ = "\(.*\)"$/\1/p' "$ROOT/src/bap_engine/__init_
 DEBIAN_TAG=local/debian:bookworm
 PYTHON_TAG=local/python:3.11-bookworm
 ENGINE_TAG=bap-engine/refengine:$VERSION
+# The contract tests' default engine image (tests/backends/helpers.py: BAP_TEST_ENGINE_IMAGE).
+ENGINE_DEV_TAG=bap-engine/refengine:dev
 ORCH_TAG=bap-engine/orchestrator:$VERSION
 
 log() { printf 'build-images: [%3ss] %s\n' "$SECONDS" "$*" >&2; }
@@ -87,6 +91,10 @@ stage_context() {
     local ctx="$SCRATCH/context"
     mkdir -p "$ctx"
     cp "$ROOT/pyproject.toml" "$ctx/"
+    # The dependency layer keys on this list only, so editing [tool.*] in pyproject.toml keeps it cached.
+    python3 -c 'import sys, tomllib; d = tomllib.load(open(sys.argv[1], "rb"))
+print("\n".join(d["build-system"]["requires"] + d["project"]["dependencies"]))' \
+        "$ROOT/pyproject.toml" >"$ctx/requirements.txt"
     if [ -f "$ROOT/README.md" ]; then cp "$ROOT/README.md" "$ctx/"; else echo "# bap-engine" >"$ctx/README.md"; fi
     # pip inside the build must trust the same CAs as the host's pip (e.g. a TLS-intercepting egress proxy).
     local ca
@@ -98,18 +106,24 @@ stage_context() {
 }
 
 build_app_images() {
-    local ctx
+    local ctx quiet=(-q)
+    [ "${BAP_BUILD_VERBOSE:-0}" = 1 ] && quiet=()
     ctx=$(stage_context)
     log "building $ENGINE_TAG"
-    docker build -q -f "$ROOT/deploy/engine.Dockerfile" -t "$ENGINE_TAG" "$ctx" >/dev/null
+    docker build "${quiet[@]}" --build-arg "BASE_IMAGE=$PYTHON_TAG" -f "$ROOT/deploy/engine.Dockerfile" -t "$ENGINE_TAG" -t "$ENGINE_DEV_TAG" "$ctx" >&2
     if [ "${BAP_SKIP_ORCHESTRATOR:-0}" = 1 ]; then log "skipping $ORCH_TAG"; return; fi
     log "building $ORCH_TAG"
-    docker build -q -f "$ROOT/deploy/orchestrator.Dockerfile" -t "$ORCH_TAG" "$ctx" >/dev/null
+    docker build "${quiet[@]}" --build-arg "BASE_IMAGE=$PYTHON_TAG" -f "$ROOT/deploy/orchestrator.Dockerfile" -t "$ORCH_TAG" "$ctx" >&2
 }
 
-build_debian
-build_python
+if [ -n "${BAP_BASE_IMAGE:-}" ]; then
+    log "using base image $BAP_BASE_IMAGE (no local debootstrap base)"
+    PYTHON_TAG=$BAP_BASE_IMAGE
+else
+    build_debian
+    build_python
+fi
 build_app_images
 docker image ls --format '{{.Repository}}:{{.Tag}}  {{.Size}}' \
-    | grep -E "^($DEBIAN_TAG|$PYTHON_TAG|$ENGINE_TAG|$ORCH_TAG) " >&2 || true
+    | grep -E "^($DEBIAN_TAG|$PYTHON_TAG|$ENGINE_TAG|$ENGINE_DEV_TAG|$ORCH_TAG) " >&2 || true
 log "done"

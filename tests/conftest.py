@@ -287,12 +287,14 @@ async def client(app: FastAPI, response_log: ResponseLog) -> AsyncIterator[httpx
 
 
 @contextlib.asynccontextmanager
-async def client_for(app: FastAPI, log: ResponseLog | None = None) -> AsyncIterator[httpx.AsyncClient]:
-    """An httpx client on the app's ASGI transport (recording into `log` if given)."""
+async def client_for(
+    app: FastAPI, log: ResponseLog | None = None, *, raise_app_exceptions: bool = True
+) -> AsyncIterator[httpx.AsyncClient]:
+    """An httpx client on the app's ASGI transport (recording into `log` if given). With
+    raise_app_exceptions=False an unhandled error is seen as the 500 the server would send."""
     hooks = {"response": [log.hook]} if log is not None else {}
-    async with httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=60, event_hooks=hooks
-    ) as c:
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=raise_app_exceptions)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60, event_hooks=hooks) as c:
         yield c
 
 

@@ -20,13 +20,14 @@ from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoin
 
 from bap_engine.api.deps import Services
 from bap_engine.api.errors import envelope, install_error_handlers
+from bap_engine.api.metrics import MeteredDiscovery
+from bap_engine.api.ops import attach_metrics, install_ops
 from bap_engine.api.routes import admin, engines, fleet, health
 from bap_engine.backends.base import BackendError, EngineBackend
 from bap_engine.config import Settings, ensure_secrets, load_settings
 from bap_engine.db import migrate
 from bap_engine.db.embedded import embedded_postgres
 from bap_engine.db.pool import create_pool
-from bap_engine.discovery import Discovery
 from bap_engine.fleet import Fleet
 from bap_engine.keys import KeySealer
 from bap_engine.lifecycle import Lifecycle
@@ -107,7 +108,7 @@ async def build_services(settings: Settings) -> AsyncIterator[Services]:
         lifecycle = Lifecycle(pool, backend, settings, KeySealer(settings.master_key), owner_id, engine_env(settings))
         limiter = RateLimiter(pool)
         stack.push_async_callback(limiter.release_all)
-        discovery = Discovery(pool, lifecycle, limiter)
+        discovery = MeteredDiscovery(pool, lifecycle, limiter)  # counts admits once metrics are attached
 
         async def ready() -> bool:
             try:
@@ -163,6 +164,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         async with build_services(settings) as services:
             app.state.services = services
+            attach_metrics(app, services)
             dsn = str(services.extras["dsn"])
             async with run_workers(dsn, services.lifecycle, settings) as leadership:
                 services.extras["leadership"] = leadership
@@ -178,4 +180,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(_BodyLimit)
     for module in (health, engines, fleet, admin):
         app.include_router(module.router)
+    install_ops(app)  # request log (outermost), Prometheus, admin ops and dashboard routes, OpenAPI
     return app

@@ -9,6 +9,8 @@ from typing import Annotated
 
 import typer
 
+from bap_engine.cli_ops import register_ops, register_remote
+from bap_engine.client import DEFAULT_URL
 from bap_engine.config import ConfigError, Settings, ensure_secrets, load_settings
 
 __all__ = ["main", "app"]
@@ -72,23 +74,34 @@ def register(
     slug: Annotated[str, typer.Option(help="product slug, ^[a-z0-9][a-z0-9-]{0,62}$")],
     display_name: Annotated[str, typer.Option(help="human name")],
     policy: Annotated[str, typer.Option(help="policy JSON")] = "{}",
+    remote: Annotated[bool, typer.Option("--remote", help="register through a running server (BAP_URL, "
+                                                         "BAP_ADMIN_KEY) instead of the database")] = False,
+    url: Annotated[str, typer.Option("--url", envvar="BAP_URL", help="server URL, with --remote")] = DEFAULT_URL,
+    admin_key: Annotated[str | None, typer.Option("--admin-key", envvar="BAP_ADMIN_KEY", show_default=False,
+                                                  help="admin key, with --remote")] = None,
 ) -> None:
     """Register a product and print its platform key (shown once)."""
     from bap_engine.app import register_product
     from bap_engine.errors import BapError
 
-    settings = _settings()
     try:
         doc = json.loads(policy)
     except json.JSONDecodeError:
         typer.echo("bap-engine: --policy is not valid JSON", err=True)
         raise typer.Exit(2) from None
+    if remote:
+        register_remote(url, admin_key, slug, display_name, doc)
+        return
+    settings = _settings()
     try:
         product_id, key = asyncio.run(register_product(settings, slug, display_name, doc))
     except BapError as err:
         typer.echo(f"bap-engine: {err.code}: {err.message}", err=True)
         raise typer.Exit(1) from None
     typer.echo(json.dumps({"product_id": product_id, "slug": slug, "platform_api_key": key}))
+
+
+register_ops(app, products_app)  # engines, status, audit, products list|policy (over HTTP, via the client)
 
 
 def main() -> None:

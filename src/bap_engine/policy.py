@@ -22,6 +22,7 @@ from bap_engine.errors import QuotaExceeded, RateLimited, ValidationFailed
 __all__ = ["Policy", "parse_policy", "check_quota", "RateLimiter"]
 
 LEASE_S = 2.0  # a lease's tokens are spent within this many seconds or handed back
+_INT4_MAX = 2**31 - 1
 
 
 class Policy(BaseModel):
@@ -29,9 +30,11 @@ class Policy(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
-    max_engines: int | None = Field(default=None, ge=0)
-    rate_limit_rpm: int | None = Field(default=None, ge=1)
-    engine_version: str | None = Field(default=None, min_length=1, max_length=200)
+    # bounded by the database's integer columns and parameters (bap_rate_lease takes an int4)
+    max_engines: int | None = Field(default=None, ge=0, le=_INT4_MAX)
+    rate_limit_rpm: int | None = Field(default=None, ge=1, le=_INT4_MAX)
+    engine_version: str | None = Field(default=None, min_length=1, max_length=200,
+                                       pattern=r"^[^\x00-\x1f\x7f]+$")  # NUL cannot be stored
     warm_pool: int | None = Field(default=None, ge=0, le=100)
 
 

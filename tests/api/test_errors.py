@@ -63,6 +63,8 @@ BAD_PROVISION_BODIES: list[bytes | dict[str, object] | list[object]] = [
     {"user_id": "u1", "engine_version": 5},
     {"user_id": "u1", "engine_version": ""},
     {"user_id": "u1", "engine_version": "has space"},
+    {"user_id": "u1", "engine_version": "v\x00"},  # NUL cannot be stored: once a 500
+    {"user_id": "u1", "engine_version": "v\x01"},
 ]
 
 
@@ -152,6 +154,10 @@ BAD_POLICIES: list[object] = [
     {"engine_version": ""},
     {"warm_pool": 101},
     {"warm_pool": False},
+    {"engine_version": "v\x00"},  # NUL cannot be stored: once a 500
+    {"max_engines": 2**70},  # beyond 64 bits: once a 500
+    {"rate_limit_rpm": 2**40},  # beyond int4: accepted, then every admit was a 500
+    {"max_engines": 2**31},
     [],
     "open",
     None,
@@ -178,6 +184,7 @@ REGISTER_BAD: list[object] = [
     {}, {"slug": "ok-slug"}, {"display_name": "x"}, {"slug": "Upper", "display_name": "x"},
     {"slug": "-x", "display_name": "x"}, {"slug": "a" * 64, "display_name": "x"}, {"slug": "a_b", "display_name": "x"},
     {"slug": 5, "display_name": "x"}, {"slug": "ok", "display_name": ""}, {"slug": "ok", "display_name": 3},
+    {"slug": "ok", "display_name": "a\x00b"},  # NUL cannot be stored: once a 500
     {"slug": "ok", "display_name": "x", "extra": True}, [], None,
 ]
 
@@ -232,7 +239,7 @@ async def test_product_not_found(client: httpx.AsyncClient) -> None:
 
 async def test_unknown_route_and_wrong_method(client: httpx.AsyncClient) -> None:
     _, key = await register_product(client)
-    for method, path in (("GET", "/nope"), ("POST", "/engines/u1/explode"), ("GET", "/products"),
+    for method, path in (("GET", "/nope"), ("POST", "/engines/u1/explode"), ("GET", "/no/such/route"),
                          ("GET", "/engines/u1/admit/x")):
         assert_envelope(await client.request(method, path, headers=pk(key)), 404, "NOT_FOUND")
     for method, path in (("GET", "/products/register"), ("PUT", "/engines/u1"), ("GET", "/engines/u1/start"),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -21,7 +21,9 @@ class _Strict(BaseModel):
 
 class ProvisionBody(_Strict):
     user_id: str = Field(pattern=USER_ID_PATTERN)
-    engine_version: str | None = Field(default=None, min_length=1, max_length=200, pattern=r"^[^\s]+$")
+    # no whitespace nor control characters (NUL cannot be stored in Postgres text)
+    engine_version: str | None = Field(default=None, min_length=1, max_length=200,
+                                       pattern=r"^[^\s\x00-\x1f\x7f]+$")
 
 
 class AdmitBody(_Strict):
@@ -31,7 +33,7 @@ class AdmitBody(_Strict):
 
 class RegisterBody(_Strict):
     slug: str = Field(pattern=SLUG_PATTERN)
-    display_name: str = Field(min_length=1, max_length=200)
+    display_name: str = Field(min_length=1, max_length=200, pattern=r"^[^\x00]+$")  # NUL: not storable
     policy: dict[str, object] = Field(default_factory=dict)
 
 
@@ -79,4 +81,6 @@ def iso(ts: datetime | None) -> str | None:
     """ISO-8601 UTC with a Z suffix."""
     if ts is None:
         return None
+    if ts.tzinfo is not None:  # naive values are already UTC (asyncpg returns aware UTC)
+        ts = ts.astimezone(UTC)
     return ts.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts.microsecond // 1000:03d}Z"

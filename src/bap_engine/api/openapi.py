@@ -26,7 +26,8 @@ def _model_refs(components: dict[str, Any]) -> dict[type[BaseModel], dict[str, s
     models = sorted({m for m, _ in ENDPOINTS.values() if m is not None} | {ErrorOut}, key=lambda m: m.__name__)
     refs, top = models_json_schema([(m, "serialization") for m in models], ref_template=_REF)
     components.update(top.get("$defs", {}))
-    return {model: dict(ref) for (model, _), ref in refs.items()}
+    return {model: dict(ref) for (model, _), ref in refs.items() if isinstance(model, type) and
+            issubclass(model, BaseModel)}
 
 
 def _error(codes: tuple[str, ...], ref: dict[str, str]) -> dict[str, Any]:
@@ -39,15 +40,23 @@ def build_openapi(app: FastAPI) -> dict[str, Any]:
     refs = _model_refs(components)
     for path, operations in schema.get("paths", {}).items():
         for method, op in operations.items():
-            model, errors = ENDPOINTS.get((method, path), (None, {}))
             responses: dict[str, Any] = op.setdefault("responses", {})
             responses.pop("422", None)
+            known = ENDPOINTS.get((method, path))
+            if known is None:  # not in the table: keep FastAPI's statuses, at least with the envelope model
+                for status in [s for s in responses if s[:1] in ("4", "5")]:
+                    responses[status] = {"description": "error envelope",
+                                         "content": {"application/json": {"schema": refs[ErrorOut]}}}
+                continue
+            model, errors = known
+            for status in [s for s in responses if s[:1] in ("4", "5")]:
+                del responses[status]  # the table is the truth (routes declare a generic set)
             if model is not None:
                 responses["200"] = {"description": model.__doc__.strip().splitlines()[0] if model.__doc__
                                     else "Successful response",
                                     "content": {"application/json": {"schema": refs[model]}}}
-            for status, codes in sorted({**errors, **COMMON_ERRORS}.items()):
-                responses[str(status)] = _error(codes, refs[ErrorOut])
+            for code, codes in sorted({**errors, **COMMON_ERRORS}.items()):
+                responses[str(code)] = _error(codes, refs[ErrorOut])
     for unused in ("HTTPValidationError", "ValidationError"):
         components.pop(unused, None)
     return schema

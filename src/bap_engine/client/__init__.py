@@ -8,7 +8,7 @@ A standalone program: it imports nothing of the server (import-linter contract
     with BapClient("http://127.0.0.1:8000", platform_key=os.environ["BAP_PLATFORM_KEY"]) as bap:
         adm = bap.admit("user-42")                     # auto_provision and auto_wake on by default
         print(adm.url)                                  # the engine's URL; adm.api_key is its key
-        r = bap.call_engine("user-42", "POST", "/execute", json={"input": "hello"})
+        r = bap.call_engine("user-42", "POST", "/execute", json={"message": "hello"})
         r.raise_for_status()                            # a rotated key is picked up by one re-admit
         print(bap.status().by_status)                   # {"running": 1, "sleeping": 0, ...}
 

@@ -105,9 +105,8 @@ async def product_metrics(_: AdminDep, product_id: ProductIdDep, fleet: FleetDep
     return JSON({**figures, "boot_ms": boot_buckets([r.duration_ms for r in rows if r.duration_ms is not None])})
 
 
-async def _events(fleet: FleetDep, product_id: str | None, request: Request) -> JSON:
-    limit, after_id, action = _audit_query(request, {"limit", "after_id", "action"} |
-                                           (set() if product_id else {"product_id"}))
+async def _events(fleet: FleetDep, product_id: str | None, request: Request, allowed: set[str]) -> JSON:
+    limit, after_id, action = _audit_query(request, allowed)
     rows = await fleet.audit_events(product_id, limit, action, after_id)
     return JSON({"events": [{"id": r.id, "timestamp": iso(r.timestamp), "product_id": r.product_id,
                              "user_id": r.user_id, "engine_id": r.engine_id, "action": r.action, "actor": r.actor,
@@ -120,7 +119,7 @@ async def product_audit(_: AdminDep, request: Request, product_id: ProductIdDep,
                         action: str | None = None) -> JSON:
     """A product's audit events, newest first; with `after_id`, the ones after it oldest first."""
     product = await fleet.get_product(product_id)
-    return await _events(fleet, product.id, request)
+    return await _events(fleet, product.id, request, {"limit", "after_id", "action"})
 
 
 @router.get("/audit")
@@ -130,7 +129,7 @@ async def all_audit(_: AdminDep, request: Request, fleet: FleetDep, product_id: 
     """Audit events of every product (or of `product_id`), for `bap-engine audit tail`."""
     if product_id is not None:
         product_id = (await fleet.get_product(_product_id(product_id))).id
-    return await _events(fleet, product_id, request)
+    return await _events(fleet, product_id, request, {"product_id", "limit", "after_id", "action"})
 
 
 def _done(action: str, product_id: str, user_id: str, engine_id: str, status: str, url: str | None) -> JSON:

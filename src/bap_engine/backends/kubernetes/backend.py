@@ -2,8 +2,9 @@
 
 Sleep is scale-to-zero keeping the PVC, so `pause` and `stop` both set replicas to 0; the
 difference is recorded in the `bap-engine/sleep` annotation (set by pause, cleared by
-stop/start/resume) and reported as PAUSED vs EXITED. start/resume scale back to 1 and do
-not wait for readiness (the orchestrator polls /health). URL modes (`KubernetesConfig.url_mode`):
+stop/start/resume) and reported as PAUSED vs EXITED. pause/stop return once the pod is gone;
+start/resume scale back to 1 and do not wait for readiness (the orchestrator polls /health);
+create waits only until the container started (to report a missing image). URL modes (`KubernetesConfig.url_mode`):
 `service` http://<svc>.<ns>.svc:8000 (orchestrator in the cluster), `hostport` the pod's
 hostPort=spec.port bound on `host` (single-node/test clusters), `nodeport` a NodePort
 Service with nodePort=spec.port (needs kube-proxy). Never reads the environment; raises
@@ -82,7 +83,7 @@ class KubernetesBackend:
             engine_id=labels.get(base.LABEL_ENGINE_ID, sts.metadata.name),
             state=state,
             labels=labels,
-            created_at=sts.metadata.creation_timestamp,
+            created_at=o.utc(sts.metadata.creation_timestamp),
             ref=sts.metadata.name,
         )
 
@@ -156,7 +157,8 @@ class KubernetesBackend:
         """After replicas=0: delete the pod with `grace_s` and wait until the controller has seen
         the scale-down and the pod is gone, so the engine no longer answers when this returns."""
         pod = m.names_for(engine_id).pod
-        await self._delete("pod", pod, grace_period_seconds=max(0, int(grace_s)))
+        # grace 0 would be a force delete: the object goes at once while the container still runs
+        await self._delete("pod", pod, grace_period_seconds=max(1, int(grace_s)))
         deadline = time.monotonic() + grace_s + 30
         while time.monotonic() < deadline:
             sts = await self._read_sts(engine_id)
@@ -184,10 +186,10 @@ class KubernetesBackend:
                 raise base.ImageNotFound(spec.image)
             await asyncio.sleep(_POLL_S)
 
-    async def _require(self, engine_id: str, *, allow_stopped: bool) -> None:
-        """EngineAbsent unless the StatefulSet exists and (allow_stopped or it runs or sleeps)."""
+    async def _require_awake_or_asleep(self, engine_id: str) -> None:
+        """EngineAbsent unless the StatefulSet exists and runs or sleeps (not stopped)."""
         sts = await self._read_sts(engine_id)
-        if sts is None or (not allow_stopped and not sts.spec.replicas and not o.sleeping(sts)):
+        if sts is None or (not sts.spec.replicas and not o.sleeping(sts)):
             raise base.EngineAbsent(engine_id)
 
     # -- create ------------------------------------------------------------------------------
@@ -272,7 +274,7 @@ class KubernetesBackend:
     async def resume(self, engine_id: str) -> None:
         """Scale a sleeping (or running) engine to 1. Raises base.EngineAbsent (also when stopped)."""
         with translated(f"kubernetes resume {engine_id}"):
-            await self._require(engine_id, allow_stopped=False)
+            await self._require_awake_or_asleep(engine_id)
             if not await self._scale(engine_id, 1, sleep=False):
                 raise base.EngineAbsent(engine_id)
 
@@ -282,7 +284,7 @@ class KubernetesBackend:
         Raises base.EngineAbsent (also when stopped), base.BackendError.
         """
         with translated(f"kubernetes pause {engine_id}"):
-            await self._require(engine_id, allow_stopped=False)
+            await self._require_awake_or_asleep(engine_id)
             if not await self._scale(engine_id, 0, sleep=True):
                 raise base.EngineAbsent(engine_id)
             await self._scale_down(engine_id, _PAUSE_GRACE_S)
@@ -299,11 +301,12 @@ class KubernetesBackend:
         with translated(f"kubernetes destroy {engine_id}"):
             await self._delete("stateful_set", names.statefulset, propagation_policy="Background")
             await self._delete("pod", names.pod, grace_period_seconds=1)
+            # The PVC goes only after the pod: a kubelet (1.20) whose running pod loses its PVC
+            # blocks that pod's worker for minutes in the volume wait, and the pod never terminates.
+            await self._wait_gone("pod", names.pod, _DESTROY_WAIT_S)
             await self._delete("service", names.service)
             await self._delete("secret", names.secret)
             await self._delete("persistent_volume_claim", names.pvc)
-            # the PVC lingers (pvc-protection) until the pod is gone; wait so that a destroyed
-            # engine's data is really released when this returns (bounded; GC finishes anyway)
             await self._wait_gone("persistent_volume_claim", names.pvc, _DESTROY_WAIT_S)
 
     # -- observation -------------------------------------------------------------------------

@@ -13,12 +13,13 @@ import contextlib
 import errno
 import json
 import socket
+from datetime import UTC, datetime
 from typing import Any
 
 from bap_engine.backends import base
 from bap_engine.backends.kubernetes import manifests as m
 
-__all__ = ["IMAGE_ERRORS", "port_free", "sleeping", "labels_of", "container_outcome", "pod_state"]
+__all__ = ["utc", "IMAGE_ERRORS", "port_free", "sleeping", "labels_of", "container_outcome", "pod_state"]
 
 
 def port_free(host: str, port: int) -> bool:
@@ -80,3 +81,8 @@ def pod_state(pod: Any) -> base.ObservedState:
         if waiting is not None and waiting.reason not in _STARTING:
             return base.ObservedState.EXITED  # CrashLoopBackOff, ErrImagePull, CreateContainerError...
     return base.ObservedState.RUNNING
+
+
+def utc(when: object) -> datetime | None:
+    """A timestamp from the SDK (tz-aware, local tz) as UTC."""
+    return when.astimezone(UTC) if isinstance(when, datetime) else None
