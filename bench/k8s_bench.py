@@ -178,8 +178,8 @@ async def main(workdir: Path) -> int:
         t.note("kubernetes: provision = POST /engines/provision (StatefulSet + PVC + Service + Secret, waits for "
                "/health through the hostPort); bare pod: same container, hostPort on 127.0.0.1, emptyDir instead of "
                "a PVC, timed to /health (orchestrator's probe and cadence) and to Ready (kubelet readiness probe, "
-               f"period 2 s, polled every 100 ms); wake = scale 0 -> 1 (ORCH_SLEEP_MODE=pause, ORCH_IDLE_SLEEP_AFTER_S=1); with "
-               f"{WAKE_ROUNDS} wakes their p99 is their max")
+               "period 2 s, polled every 100 ms); wake = scale 0 -> 1 (ORCH_SLEEP_MODE=pause, "
+               f"ORCH_IDLE_SLEEP_AFTER_S=1); with {WAKE_ROUNDS} wakes their p99 is their max")
     except Exception as err:
         t.note(f"ERROR: {type(err).__name__}: {err}")
         rc = 1

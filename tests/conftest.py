@@ -20,6 +20,8 @@ import hashlib
 import itertools
 import os
 import random
+import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -224,16 +226,23 @@ async def destroy_leftover_engines(settings: Settings, dsn: str) -> None:
 # fixtures
 # ---------------------------------------------------------------------------------------------
 @pytest.fixture(scope="session")
-async def pg_dsn(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
-    """One migrated Postgres for the whole run."""
+async def pg_dsn() -> AsyncIterator[str]:
+    """One migrated Postgres for the whole run.
+
+    The embedded server lives outside pytest's tmp root: run as root, pgserver hands its data
+    directory to a `pgserver` user, and another pytest run resets pytest-of-<user> to 0700."""
     url = os.environ.get("ORCH_TEST_DATABASE_URL")
     if url:
         await migrate.upgrade(url)
         yield url
         return
-    async with embedded_postgres(tmp_path_factory.mktemp("pg")) as dsn:
-        await migrate.upgrade(dsn)
-        yield dsn
+    base = Path(tempfile.mkdtemp(prefix="bap-test-pg-"))
+    try:
+        async with embedded_postgres(base) as dsn:
+            await migrate.upgrade(dsn)
+            yield dsn
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 def next_port_range() -> tuple[int, int]:

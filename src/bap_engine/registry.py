@@ -60,6 +60,7 @@ class EngineRow:
     op: str | None
     op_owner: int | None
     op_deadline: datetime | None
+    pending_key_enc: str | None = None  # a rotation in flight (sealed)
 
 
 _PRODUCT_COLS = "id, slug, display_name, policy, created_at"

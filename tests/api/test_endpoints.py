@@ -79,7 +79,7 @@ async def test_register_without_policy_means_no_limits(client: httpx.AsyncClient
     assert policy == {}
 
 
-async def test_engine_lifecycle_shapes(client: httpx.AsyncClient, settings: Settings) -> None:
+async def test_engine_lifecycle_shapes(client: httpx.AsyncClient, app: FastAPI, settings: Settings) -> None:
     """provision, GET, admit, GET /engines, stop, start, rotate-key, DELETE: exact bodies."""
     _, key = await register_product(client)
     r = await client.post("/engines/provision", json={"user_id": "shape-user"}, headers=pk(key))
@@ -141,6 +141,8 @@ async def test_engine_lifecycle_shapes(client: httpx.AsyncClient, settings: Sett
     assert r.status_code == 200
     assert r.json() == {"status": "destroyed", "engine_id": engine_id}
     assert not engine_dir(settings, engine_id).exists()
+    port = int(prov["url"].rsplit(":", 1)[1])
+    assert await pool_of(app).fetchval("SELECT count(*) FROM engines WHERE id = $1 OR port = $2", engine_id, port) == 0
 
 
 async def test_admit_not_admitted_shape(client: httpx.AsyncClient) -> None:

@@ -44,9 +44,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def wait_until(
-    predicate: Callable[[], bool | Awaitable[bool]], timeout: float, interval: float = 0.02
-) -> None:
+async def wait_until(predicate: Callable[[], bool | Awaitable[bool]], timeout: float, interval: float = 0.02) -> None:
     """Poll ``predicate`` (sync or async) until it is true; fail the test after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:

@@ -9,10 +9,12 @@ import uuid
 from datetime import timedelta
 
 import asyncpg
+import httpx
 
 from bap_engine.backends.base import LABEL_DEPLOYMENT, LABEL_ENGINE_ID, LABEL_PRODUCT_ID, EngineSpec
 from bap_engine.config import Settings
 from bap_engine.lifecycle import now
+from bap_engine.registry import EngineRow, get_engine_by_id
 from bap_engine.workers.reconcile import ReconcileWorker
 from tests.conftest import pk, register_product, wait_until
 from tests.workers.conftest import AppFactory, alive, engine_pid, lifecycle_of
@@ -33,7 +35,8 @@ async def test_orphan_engine_is_removed_after_grace(make_app: AppFactory, settin
         orphan = str(uuid.uuid4())
         spec = EngineSpec(engine_id=orphan, product_id=str(uuid.uuid4()), port=settings.port_max, image="x",
                           env={"ENGINE_API_KEY": "sk-sept-test"},
-                          labels={LABEL_ENGINE_ID: orphan, LABEL_PRODUCT_ID: "p", LABEL_DEPLOYMENT: settings.deployment})
+                          labels={LABEL_ENGINE_ID: orphan, LABEL_PRODUCT_ID: "p",
+                                  LABEL_DEPLOYMENT: settings.deployment})
         await lc.backend.create(spec)
         worker = ReconcileWorker(lc, app.state.settings)
         assert await worker.run_once() == 0  # young: maybe a provision in flight
@@ -72,3 +75,45 @@ async def test_abandoned_ops_and_drift(make_app: AppFactory, settings: Settings,
         assert any("provisioning" in f for f in found) and any("destroying" in f for f in found)
         for user in ("a", "c"):
             assert (await client.delete(f"/engines/{user}", headers=pk(key))).status_code == 200
+
+
+async def test_rotation_interrupted_by_a_crash_is_completed(make_app: AppFactory, pg_dsn: str) -> None:
+    async with make_app() as (app, client):
+        _, key = await register_product(client)
+        r = await client.post("/engines/rot/admit", json={"auto_provision": True}, headers=pk(key))
+        engine = r.json()["engine"]
+        lc = lifecycle_of(app)
+        new_key = "sk-sept-" + uuid.uuid4().hex
+        dead_owner = 2**31 - 9
+        conn = await asyncpg.connect(pg_dsn)
+        try:  # the orchestrator recorded the new key, told the engine, and died before storing it
+            await conn.execute("UPDATE engines SET pending_key_enc=$2, op='rotate_key', op_owner=$3, "
+                               "op_deadline=now() + interval '1 hour' WHERE id=$1",
+                               engine["engine_id"], lc.sealer.seal(new_key), dead_owner)
+        finally:
+            await conn.close()
+        row = await lc.claim_row(await _row(lc, engine["engine_id"]), "test")
+        assert row is not None
+        assert await lc._push_key(row, auth=engine["api_key"], new_key=new_key) == 200
+        await _abandon(pg_dsn, engine["engine_id"], dead_owner)
+        assert await ReconcileWorker(lc, app.state.settings).run_once() == 1
+        r = await client.get("/engines/rot", headers=pk(key))
+        assert r.json()["api_key"] == new_key
+        async with httpx.AsyncClient() as c:
+            assert (await c.get(f"{engine['url']}/history", headers={"X-Engine-Key": new_key})).status_code == 200
+        assert (await client.delete("/engines/rot", headers=pk(key))).status_code == 200
+
+
+async def _row(lc: object, engine_id: str) -> EngineRow:
+    async with lc.pool.acquire() as conn:  # type: ignore[attr-defined]
+        row = await get_engine_by_id(conn, engine_id)
+    assert row is not None
+    return row
+
+
+async def _abandon(dsn: str, engine_id: str, owner: int) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("UPDATE engines SET op='rotate_key', op_owner=$2 WHERE id=$1", engine_id, owner)
+    finally:
+        await conn.close()

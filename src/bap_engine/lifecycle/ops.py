@@ -12,7 +12,7 @@ from bap_engine.errors import BackendFailed, EngineBusy, EngineNotRunning
 from bap_engine.keys import hash_key, new_engine_key
 from bap_engine.lifecycle.probe import call_engine
 from bap_engine.lifecycle.service import LifecycleCore
-from bap_engine.registry import EngineRow, ProductRow, get_engine_by_id
+from bap_engine.registry import EngineRow, ProductRow, get_engine_by_id, update_engine
 from bap_engine.states import AuditAction, EngineState
 
 __all__ = ["Lifecycle"]
@@ -23,28 +23,52 @@ S = EngineState
 class Lifecycle(LifecycleCore):
     async def rotate_key(self, product: ProductRow, user_id: str, *, actor: str) -> tuple[EngineRow, str]:
         """Hand a new key's hash to the live engine, then store it. Returns (row, new key).
-        Raises EngineNotFound, EngineBusy, EngineNotRunning, BackendFailed."""
+
+        The sealed new key is recorded first, so a crash mid-rotation is completed by the
+        reconciler (see complete_rotation). Raises EngineNotFound, EngineBusy,
+        EngineNotRunning, BackendFailed."""
         row = await self._claim(product.id, user_id, "rotate_key")
         if row.status != S.RUNNING:
             await self.release(row)
             raise EngineNotRunning()
         new_key = new_engine_key()
+        async with self.pool.acquire() as conn:  # intent
+            row = await update_engine(conn, row.id, pending_key_enc=self.sealer.seal(new_key)) or row
+        status = await self._push_key(row, auth=self.key_of(row), new_key=new_key)
+        if status != 200:
+            await self.finish(row, None, pending_key_enc=None)
+            why = "does not support live key rotation" if status == 404 else f"answered {status}"
+            raise BackendFailed(f"engine {why}" if status else "engine did not answer the key rotation")
         overlap = self.settings.key_rotation_overlap_s
-        try:
-            assert row.url is not None
-            reply = await call_engine(row.url, "POST", "/_bap/rotate-key", key=self.key_of(row),
-                                      payload={"key_hash": hash_key(new_key), "overlap_seconds": overlap},
-                                      timeout=self.settings.health_check_timeout_s)
-        except (OSError, TimeoutError):
-            await self.release(row)
-            raise BackendFailed("engine did not answer the key rotation") from None
-        if reply.status != 200:
-            await self.release(row)
-            why = "does not support live key rotation" if reply.status == 404 else f"answered {reply.status}"
-            raise BackendFailed(f"engine {why}")
         row = await self.finish(row, AuditAction.ROTATE_KEY, actor=actor, metadata={"overlap_seconds": overlap},
-                                api_key_hash=hash_key(new_key), engine_key_enc=self.sealer.seal(new_key))
+                                api_key_hash=hash_key(new_key), engine_key_enc=self.sealer.seal(new_key),
+                                pending_key_enc=None)
         return row, new_key
+
+    async def _push_key(self, row: EngineRow, *, auth: str, new_key: str) -> int:
+        """POST /_bap/rotate-key; the HTTP status, or 0 when the engine did not answer."""
+        assert row.url is not None
+        try:
+            reply = await call_engine(
+                row.url, "POST", "/_bap/rotate-key", key=auth, timeout=self.settings.health_check_timeout_s,
+                payload={"key_hash": hash_key(new_key), "overlap_seconds": self.settings.key_rotation_overlap_s})
+        except (OSError, TimeoutError):
+            return 0
+        return reply.status
+
+    async def complete_rotation(self, row: EngineRow) -> bool:
+        """After a crash mid-rotation: make engine and row agree on the pending key (idempotent).
+        True when the new key is now stored; False when the rotation was dropped."""
+        assert row.pending_key_enc is not None
+        new_key = self.sealer.open(row.pending_key_enc)
+        for auth in (self.key_of(row), new_key):  # old key (within the overlap), or the engine already moved on
+            if await self._push_key(row, auth=auth, new_key=new_key) == 200:
+                await self.finish(row, AuditAction.ROTATE_KEY, metadata={"completed_by": "reconcile"},
+                                  api_key_hash=hash_key(new_key), engine_key_enc=row.pending_key_enc,
+                                  pending_key_enc=None)
+                return True
+        await self.finish(row, None, pending_key_enc=None)
+        return False
 
     async def wake(self, row: EngineRow, *, actor: str) -> EngineRow:
         """sleeping → running for admit(auto_wake); waits for a concurrent transition.

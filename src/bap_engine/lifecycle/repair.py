@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from bap_engine import audit, registry
 from bap_engine.backends.base import BackendError, Observed, ObservedState
-from bap_engine.lifecycle.service import LifecycleCore, now
+from bap_engine.lifecycle.ops import Lifecycle
+from bap_engine.lifecycle.service import now
 from bap_engine.registry import EngineRow
 from bap_engine.states import AuditAction, EngineState
 
@@ -18,18 +19,18 @@ S = EngineState
 Obs = ObservedState
 
 
-async def observe_all(lc: LifecycleCore) -> dict[str, Observed]:
+async def observe_all(lc: Lifecycle) -> dict[str, Observed]:
     """Every engine of this deployment the backend holds (one list call)."""
     return {o.engine_id: o for o in await lc.backend.list_managed()}
 
 
-async def _note(lc: LifecycleCore, row: EngineRow, found: str, done: str) -> None:
+async def _note(lc: Lifecycle, row: EngineRow, found: str, done: str) -> None:
     async with lc.pool.acquire() as conn:
         await audit.write(conn, AuditAction.RECONCILE, product_id=row.product_id, user_id=row.user_id,
                           engine_id=row.id, metadata={"found": found, "done": done})
 
 
-async def finish_stuck(lc: LifecycleCore, row: EngineRow, seen: Observed | None) -> str:
+async def finish_stuck(lc: Lifecycle, row: EngineRow, seen: Observed | None) -> str:
     """An op whose owner died or whose deadline passed: finish it or undo it."""
     claimed = await lc.claim_row(row, "reconcile")
     if claimed is None:
@@ -49,6 +50,10 @@ async def finish_stuck(lc: LifecycleCore, row: EngineRow, seen: Observed | None)
             await audit.write(conn, AuditAction.RECONCILE, product_id=claimed.product_id, user_id=claimed.user_id,
                               engine_id=claimed.id, metadata={"found": found, "done": "engine and row removed"})
         return "removed"
+    if claimed.pending_key_enc is not None and claimed.status == S.RUNNING:
+        done = await lc.complete_rotation(claimed)
+        await _note(lc, claimed, found, "rotation completed" if done else "rotation dropped")
+        return "finished"
     if claimed.status == S.PROVISIONING:
         await lc.finish(claimed, AuditAction.RECONCILE, metadata={"found": found, "done": "marked running"},
                         status=S.RUNNING, last_health_at=now(), last_active_at=now())
@@ -58,13 +63,13 @@ async def finish_stuck(lc: LifecycleCore, row: EngineRow, seen: Observed | None)
     return "released"
 
 
-async def _healthy(lc: LifecycleCore, row: EngineRow) -> bool:
+async def _healthy(lc: Lifecycle, row: EngineRow) -> bool:
     from bap_engine.lifecycle.probe import probe_health
 
     return row.url is not None and await probe_health(row.url, lc.settings.health_check_timeout_s)
 
 
-async def fix_drift(lc: LifecycleCore, row: EngineRow, seen: Observed | None) -> str | None:
+async def fix_drift(lc: Lifecycle, row: EngineRow, seen: Observed | None) -> str | None:
     """Row vs runtime disagree: correct the runtime or the row. None when nothing to do."""
     state = seen.state if seen is not None else Obs.ABSENT
     if row.status == S.RUNNING and state == Obs.PAUSED:
@@ -90,7 +95,7 @@ async def fix_drift(lc: LifecycleCore, row: EngineRow, seen: Observed | None) ->
     return None
 
 
-async def _act(lc: LifecycleCore, row: EngineRow, found: str, done: str, call: object) -> str | None:
+async def _act(lc: Lifecycle, row: EngineRow, found: str, done: str, call: object) -> str | None:
     claimed = await lc.claim_row(row, "reconcile")
     if claimed is None:
         return None
@@ -106,7 +111,7 @@ async def _act(lc: LifecycleCore, row: EngineRow, found: str, done: str, call: o
     return done
 
 
-async def remove_orphan(lc: LifecycleCore, seen: Observed) -> None:
+async def remove_orphan(lc: Lifecycle, seen: Observed) -> None:
     """A labelled engine with no row: remove it (the caller checked its age)."""
     await lc.backend.destroy(seen.engine_id)
     async with lc.pool.acquire() as conn:

@@ -60,4 +60,3 @@ def main() -> int:
         _log.error("cannot start: %s", exc)
         return 1
     return 0
-
