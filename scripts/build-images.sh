@@ -114,6 +114,9 @@ build_app_images() {
     if [ "${BAP_SKIP_ORCHESTRATOR:-0}" = 1 ]; then log "skipping $ORCH_TAG"; return; fi
     log "building $ORCH_TAG"
     docker build "${quiet[@]}" --build-arg "BASE_IMAGE=$PYTHON_TAG" -f "$ROOT/deploy/orchestrator.Dockerfile" -t "$ORCH_TAG" "$ctx" >&2
+    # Name the dependency stage (a no-op rebuild from cache) so `docker image prune` keeps it.
+    docker build -q --build-arg "BASE_IMAGE=$PYTHON_TAG" -f "$ROOT/deploy/orchestrator.Dockerfile" \
+        --target deps -t "bap-engine/orchestrator-deps:cache" "$ctx" >/dev/null
 }
 
 if [ -n "${BAP_BASE_IMAGE:-}" ]; then

@@ -14,7 +14,10 @@ import asyncpg
 
 from bap_engine.states import AuditAction
 
-__all__ = ["AuditRow", "Denial", "write", "write_many", "add_denials", "metrics", "recent"]
+__all__ = [
+    "AuditRow", "Denial", "ActionTotal", "AuditTotals", "COUNTED_ACTIONS", "write", "write_many", "add_denials",
+    "metrics", "recent", "totals",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +42,28 @@ class Denial:
     minute: datetime
     count: int
     actor: str
+
+
+COUNTED_ACTIONS = ("provision", "provision_failed", "destroy", "health_failed", "auto_restart_start", "wake")
+
+
+@dataclass(frozen=True, slots=True)
+class ActionTotal:
+    """All-time count of one audit action for one product; `buckets[i]` counts rows with
+    duration_ms <= bounds_ms[i] (cumulative), `duration_count`/`sum_ms` the rows with a duration."""
+
+    product_id: str
+    action: str
+    count: int
+    buckets: tuple[int, ...]
+    duration_count: int
+    sum_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class AuditTotals:
+    actions: list[ActionTotal]
+    denials: list[tuple[str, str, int]]  # (product id, reason, all-time count)
 
 
 _INSERT = (
@@ -112,3 +137,23 @@ async def recent(
         product_id, action, after_id, limit,
     )
     return [AuditRow(**dict(r)) for r in rows]
+
+
+async def totals(conn: asyncpg.Connection, bounds_ms: Sequence[int]) -> AuditTotals:
+    """Per-product totals of COUNTED_ACTIONS with cumulative duration buckets, and denials by reason."""
+    cols = "".join(f", count(*) FILTER (WHERE duration_ms <= {int(b)}) AS b{i}" for i, b in enumerate(bounds_ms))
+    rows = await conn.fetch(
+        "SELECT product_id::text AS product_id, action, count(*) AS n, count(duration_ms) AS dn, "
+        f"coalesce(sum(duration_ms), 0) AS sum_ms{cols} FROM audit_log "
+        "WHERE action = ANY($1::text[]) AND product_id IS NOT NULL GROUP BY 1, 2",
+        list(COUNTED_ACTIONS),
+    )
+    denied = await conn.fetch(
+        "SELECT product_id::text AS product_id, metadata->>'reason' AS reason, "
+        "sum(coalesce((metadata->>'count')::int, 1)) AS n FROM audit_log "
+        "WHERE action = 'admit_denied' AND product_id IS NOT NULL GROUP BY 1, 2"
+    )
+    actions = [ActionTotal(r["product_id"], r["action"], int(r["n"]),
+                           tuple(int(r[f"b{i}"]) for i in range(len(bounds_ms))), int(r["dn"]),
+                           int(r["sum_ms"])) for r in rows]
+    return AuditTotals(actions, [(r["product_id"], str(r["reason"]), int(r["n"])) for r in denied])

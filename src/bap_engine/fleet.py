@@ -9,12 +9,11 @@ from __future__ import annotations
 import hmac
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import asyncpg
 
 from bap_engine import audit, registry
-from bap_engine.audit import AuditRow
+from bap_engine.audit import COUNTED_ACTIONS, ActionTotal, AuditRow, AuditTotals
 from bap_engine.errors import InvalidAdminKey, InvalidPlatformKey, ProductNotFound, ProductSlugExists
 from bap_engine.keys import hash_key, new_platform_key
 from bap_engine.lifecycle import EngineView, view
@@ -33,28 +32,6 @@ def health_of(total: int, failed: int) -> str:
 
 
 # Audit actions whose totals (and durations) the Prometheus endpoint exposes.
-COUNTED_ACTIONS = ("provision", "provision_failed", "destroy", "health_failed", "auto_restart_start", "wake")
-
-
-@dataclass(frozen=True, slots=True)
-class ActionTotal:
-    """All-time count of one audit action for one product; `buckets[i]` counts rows with
-    duration_ms <= bounds_ms[i] (cumulative), `duration_count`/`sum_ms` the rows with a duration."""
-
-    product_id: str
-    action: str
-    count: int
-    buckets: tuple[int, ...]
-    duration_count: int
-    sum_ms: int
-
-
-@dataclass(frozen=True, slots=True)
-class AuditTotals:
-    actions: list[ActionTotal]
-    denials: list[tuple[str, str, int]]  # (product id, reason, all-time count)
-
-
 class Fleet:
     def __init__(self, pool: asyncpg.Pool, admin_key: str) -> None:
         self._pool = pool
@@ -147,26 +124,9 @@ class Fleet:
             return await registry.count_by_product_status(conn)
 
     async def audit_totals(self, bounds_ms: Sequence[int]) -> AuditTotals:
-        """All-time per-product totals of COUNTED_ACTIONS (with cumulative duration buckets) and of
-        admission denials, from the audit log: the same answer from every replica.
-        (Read-only aggregate SQL kept here rather than in audit.py, which this change does not own.)"""
-        cols = "".join(f", count(*) FILTER (WHERE duration_ms <= {int(b)}) AS b{i}" for i, b in enumerate(bounds_ms))
+        """All-time per-product action totals and denials from the audit log (same on every replica)."""
         async with self._pool.acquire() as conn:
-            rows = await conn.fetch(
-                "SELECT product_id::text AS product_id, action, count(*) AS n, count(duration_ms) AS dn, "
-                f"coalesce(sum(duration_ms), 0) AS sum_ms{cols} FROM audit_log "
-                "WHERE action = ANY($1::text[]) AND product_id IS NOT NULL GROUP BY 1, 2",
-                list(COUNTED_ACTIONS),
-            )
-            denied = await conn.fetch(
-                "SELECT product_id::text AS product_id, metadata->>'reason' AS reason, "
-                "sum(coalesce((metadata->>'count')::int, 1)) AS n FROM audit_log "
-                "WHERE action = 'admit_denied' AND product_id IS NOT NULL GROUP BY 1, 2"
-            )
-        actions = [ActionTotal(r["product_id"], r["action"], int(r["n"]),
-                               tuple(int(r[f"b{i}"]) for i in range(len(bounds_ms))), int(r["dn"]),
-                               int(r["sum_ms"])) for r in rows]
-        return AuditTotals(actions, [(r["product_id"], str(r["reason"]), int(r["n"])) for r in denied])
+            return await audit.totals(conn, bounds_ms)
 
 
 def _all_states() -> dict[str, int]:

@@ -90,6 +90,20 @@ async def test_rotation_requires_the_current_key(spawn: SpawnEngine, key: str) -
     assert _key_file(engine)["current_hash"] == sha256_hex(new)
 
 
+async def test_repeating_a_rotation_is_idempotent(spawn: SpawnEngine, key: str) -> None:
+    """A retried rotation (say, after an orchestrator crash) keeps the previous key's overlap window."""
+    engine = await spawn()
+    new = new_key()
+    body = {"key_hash": sha256_hex(new), "overlap_seconds": 60}
+    assert (await _rotate(engine, key, body)).status_code == 200
+    before = _key_file(engine)
+    again = await _rotate(engine, new, body)
+    assert (again.status_code, again.json()) == (200, {"status": "rotated", "overlap_seconds": 60})
+    assert _key_file(engine) == before
+    assert await _status(engine, key) == 200
+    assert await _status(engine, new) == 200
+
+
 async def test_rotation_body_is_validated(spawn: SpawnEngine, key: str) -> None:
     engine = await spawn()
     good = sha256_hex("x")

@@ -235,7 +235,7 @@ class LifecycleCore:
         """Run a claimed engine and wait for health; on failure it is marked failed."""
         started = time.monotonic()
         try:
-            await self._run_backend(row)
+            ref = await self._run_backend(row)
             assert row.url is not None
             if not await self.wait_healthy(row.url, self.settings.boot_timeout_s):
                 raise BootTimeout(f"engine did not become healthy within {self.settings.boot_timeout_s:g}s")
@@ -247,7 +247,7 @@ class LifecycleCore:
         return await self.finish(
             row, action, actor=actor, duration_ms=ms, metadata={"from": str(row.status), **(metadata or {})},
             status=S.RUNNING, sleep_kind=None, health_failures=0, restart_attempts=0, next_restart_at=None,
-            last_health_at=now(), last_active_at=now(),
+            last_health_at=now(), last_active_at=now(), ref=ref,
         )
 
     async def _halt(self, engine_id: str) -> None:
@@ -256,22 +256,24 @@ class LifecycleCore:
         except BackendError:
             pass  # the reconciler sees what is left
 
-    async def _run_backend(self, row: EngineRow) -> None:
+    async def _run_backend(self, row: EngineRow) -> str:
+        """Run the engine again; returns its (possibly new) runtime handle."""
         if row.status == S.FAILED:
             await self._halt(row.id)  # a failed engine may still hold its port half-alive
         try:
             if row.status == S.SLEEPING and row.sleep_kind == "label":
-                return
+                return row.ref or ""
             if row.status == S.SLEEPING and row.sleep_kind == "paused":
                 try:
                     await self.backend.resume(row.id)
-                    return
+                    return row.ref or ""
                 except EngineAbsent:
                     pass
             try:
                 await self.backend.start(row.id)
             except EngineAbsent:  # vanished behind our back: re-create with its data
-                await self.backend.create(self.spec_for(row))
+                return (await self.backend.create(self.spec_for(row))).ref
+            return (await self.backend.inspect(row.id)).ref or row.ref or ""
         except BackendError as err:
             raise BackendFailed(f"backend failed to start the engine: {err.message}") from None
 

@@ -161,8 +161,12 @@ class KeyRing:
     def rotate(self, new_hash: str, overlap_seconds: int) -> None:
         """Make ``new_hash`` current; the old hash stays valid for ``overlap_seconds`` (0 = not at all).
 
-        Persists before switching, so an answered rotation always survives a restart.
+        Persists before switching, so an answered rotation always survives a restart. Rotating to
+        the hash already current changes nothing (a retried rotation must not cut short the
+        previous key's window).
         """
+        if new_hash.lower() == self._state.current_hash:
+            return
         new_state = self._state.superseded_by(new_hash.lower(), self._clock() + overlap_seconds)
         _write_atomic(self._path, new_state)
         self._state = new_state

@@ -153,6 +153,19 @@ class KubernetesBackend:
             await asyncio.sleep(_POLL_S)
         return False
 
+    async def _wait_pod_gone(self, name: str, timeout: float) -> bool:
+        """Poll until the pod object is gone, force-deleting it once its containers are dead."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            pod = await self._read_pod(name)
+            if pod is None:
+                return True
+            if o.force_deletable(pod):
+                await self._delete("pod", name, grace_period_seconds=0)
+                continue
+            await asyncio.sleep(_POLL_S)
+        return False
+
     async def _scale_down(self, engine_id: str, grace_s: float) -> None:
         """After replicas=0: delete the pod with `grace_s` and wait until the controller has seen
         the scale-down and the pod is gone, so the engine no longer answers when this returns."""
@@ -165,7 +178,7 @@ class KubernetesBackend:
             if sts is None:
                 return
             observed = (sts.status.observed_generation or 0) >= (sts.metadata.generation or 0)
-            if observed and await self._read_pod(pod) is None:
+            if observed and await self._wait_pod_gone(pod, deadline - time.monotonic()):
                 return
             await asyncio.sleep(_POLL_S)
         raise base.BackendError(
@@ -303,7 +316,7 @@ class KubernetesBackend:
             await self._delete("pod", names.pod, grace_period_seconds=1)
             # The PVC goes only after the pod: a kubelet (1.20) whose running pod loses its PVC
             # blocks that pod's worker for minutes in the volume wait, and the pod never terminates.
-            await self._wait_gone("pod", names.pod, _DESTROY_WAIT_S)
+            await self._wait_pod_gone(names.pod, _DESTROY_WAIT_S)
             await self._delete("service", names.service)
             await self._delete("secret", names.secret)
             await self._delete("persistent_volume_claim", names.pvc)

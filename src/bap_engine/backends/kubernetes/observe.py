@@ -19,7 +19,16 @@ from typing import Any
 from bap_engine.backends import base
 from bap_engine.backends.kubernetes import manifests as m
 
-__all__ = ["utc", "IMAGE_ERRORS", "port_free", "sleeping", "labels_of", "container_outcome", "pod_state"]
+__all__ = [
+    "force_deletable",
+    "utc",
+    "IMAGE_ERRORS",
+    "port_free",
+    "sleeping",
+    "labels_of",
+    "container_outcome",
+    "pod_state",
+]
 
 
 def port_free(host: str, port: int) -> bool:
@@ -86,3 +95,22 @@ def pod_state(pod: Any) -> base.ObservedState:
 def utc(when: object) -> datetime | None:
     """A timestamp from the SDK (tz-aware, local tz) as UTC."""
     return when.astimezone(UTC) if isinstance(when, datetime) else None
+
+
+def force_deletable(pod: Any) -> bool:
+    """A terminating pod whose engine can no longer run: deleting its object at once (grace 0)
+    is then safe even for a StatefulSet. The kubelet removes the object itself only after
+    its volumes are torn down, on a 10 s status-sync tick (about 7-14 s after the kill)."""
+    if pod is None or pod.metadata.deletion_timestamp is None:
+        return False
+    if not pod.spec.node_name:
+        return True  # never scheduled: nothing runs anywhere
+    statuses = pod.status.container_statuses or []
+    if not statuses:
+        return False  # the kubelet has not reported yet
+    for cs in statuses:
+        if cs.state.running is not None:
+            return False
+        if cs.state.waiting is not None and cs.state.waiting.reason in _STARTING:
+            return False  # may be about to start
+    return True
