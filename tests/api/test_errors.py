@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
@@ -278,7 +279,7 @@ async def test_payload_too_large(client: httpx.AsyncClient, app: FastAPI) -> Non
 async def test_payload_too_large_chunked(client: httpx.AsyncClient) -> None:
     _, key = await register_product(client)
 
-    async def chunks():  # type: ignore[no-untyped-def]
+    async def chunks() -> AsyncIterator[bytes]:
         yield b'{"auto_provision": false'
         for _ in range(80):
             yield b" " * 1024

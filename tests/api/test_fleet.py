@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import httpx
 from fastapi import FastAPI
@@ -54,10 +55,10 @@ async def test_status_health_verdicts(client: httpx.AsyncClient, app: FastAPI, s
     pool = pool_of(app)
     ids = [await insert_engine_row(pool, settings, product_id, f"u{i}", "running") for i in range(11)]
 
-    async def status() -> dict[str, object]:
+    async def status() -> dict[str, Any]:
         r = await client.get("/status", headers=pk(key))
         assert r.status_code == 200
-        doc: dict[str, object] = r.json()
+        doc: dict[str, Any] = r.json()
         assert set(doc) == {"total", "by_status", "health", "unhealthy_count"}
         assert isinstance(doc["by_status"], dict) and sorted(doc["by_status"]) == sorted(STATES)
         return doc

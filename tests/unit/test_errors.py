@@ -19,8 +19,8 @@ SPEC_STATUS = {
 }
 
 
-def _subclasses(cls: type) -> list[type]:
-    found = []
+def _subclasses(cls: type[errors.BapError]) -> list[type[errors.BapError]]:
+    found: list[type[errors.BapError]] = []
     for sub in cls.__subclasses__():
         found += [sub, *_subclasses(sub)]
     return found
