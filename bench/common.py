@@ -28,6 +28,7 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(os.environ.get("BENCH_RESULTS") or ROOT / "bench" / "results")
 VENV = ROOT / ".venv"
 PYTHON = str(VENV / "bin" / "python")
 BAP_ENGINE = str(VENV / "bin" / "bap-engine")
@@ -169,6 +170,17 @@ def cpu_seconds(pid: int) -> float:
     return (int(parts[11]) + int(parts[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def tree_cpu_seconds(pid: int | None) -> float:
+    """CPU seconds of a process and its children (e.g. a postmaster and its backends)."""
+    if pid is None:
+        return 0.0
+    total = 0.0
+    for p in pin_pid_tree(pid, ORCH_CPU):  # (re)pins new backends too: they are ours, on CPU 0
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            total += cpu_seconds(p)
+    return total
+
+
 def clean_env() -> dict[str, str]:
     """Our environment without any ORCH_* (the caller's settings must not leak into a run)."""
     return {k: v for k, v in os.environ.items() if not k.startswith("ORCH_")}
@@ -289,6 +301,11 @@ class Orchestrator:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+        serve_log = self.workdir / f"{self.name}.log"
+        if serve_log.exists():  # kept for a look at errors: bench/results/<name>-serve.log
+            with contextlib.suppress(OSError):
+                RESULTS.mkdir(parents=True, exist_ok=True)
+                (RESULTS / f"{self.name}-serve.log").write_bytes(serve_log.read_bytes()[-1_000_000:])
         if self.data_dir.exists():
             n = reap_engine_records(self.data_dir)
             if n:
@@ -341,6 +358,23 @@ def end_bare(engines: Iterable[BareEngine]) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(e.proc.pid, signal.SIGKILL)
             e.proc.wait(5)
+
+
+# Engine ports of this run (orchestrator ranges and bare engines), all in 30000-32767: below the
+# kernel's ephemeral range (ip_local_port_range, 32768-60999 by default), so no outgoing
+# connection of any process on the machine can hold one, and above the test suite's 20000-29999.
+#   core 30000-30999, wake 31000-31099, docker 31100-31399 (+ bare 31800-31899),
+#   kubernetes 31400-31699 (+ bare pods 31900-31999), sweep serve 31700-31799 (unused),
+#   bare refengines of core 32000-32767
+def ephemeral_overlap(low: int = 30000, high: int = 32767) -> str | None:
+    """A warning when the machine's ephemeral port range overlaps ours, else None."""
+    try:
+        lo, hi = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        return None
+    if lo <= high and hi >= low:
+        return f"ephemeral ports {lo}-{hi} overlap the engine ports {low}-{high}: expect spurious PortInUse"
+    return None
 
 
 class PortPicker:

@@ -102,7 +102,7 @@ async def _provision_series(o: Orchestrator, run_id: str, t: Table) -> None:
     import docker
 
     client = docker.from_env(timeout=60)
-    ports = PortPicker(46000, 46499)
+    ports = PortPicker(31800, 31899)
     orch: list[float] = []
     cli: list[float] = []
     sdk: list[float] = []
@@ -145,9 +145,9 @@ async def main(workdir: Path) -> int:
     env = {"ORCH_ENGINE_BACKEND": "docker", "ORCH_ENGINE_IMAGE": IMAGE, "ORCH_DEPLOYMENT": deployment,
            "ORCH_BOOT_TIMEOUT_S": str(BOOT_TIMEOUT_S)}
     rc = 0
-    prov = Orchestrator("docker", workdir, env={**env, "ORCH_PORT_MIN": "42000", "ORCH_PORT_MAX": "42249"})
+    prov = Orchestrator("docker", workdir, env={**env, "ORCH_PORT_MIN": "31100", "ORCH_PORT_MAX": "31299"})
     wake = Orchestrator("docker-wake", workdir, env={
-        **env, "ORCH_PORT_MIN": "42250", "ORCH_PORT_MAX": "42499", "ORCH_IDLE_SLEEP_AFTER_S": "1",
+        **env, "ORCH_PORT_MIN": "31300", "ORCH_PORT_MAX": "31399", "ORCH_IDLE_SLEEP_AFTER_S": "1",
         "ORCH_HEALTH_CHECK_INTERVAL_S": "0.5", "ORCH_ACTIVITY_FLUSH_S": "0.25", "ORCH_SLEEP_MODE": "pause"})
     try:
         await prov.start()

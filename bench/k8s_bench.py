@@ -96,7 +96,7 @@ async def _bare_pods(kubeconfig: str, run_id: str, rounds: int) -> tuple[list[fl
     await config.load_kube_config(config_file=kubeconfig)
     healthy: list[float] = []
     ready: list[float] = []
-    ports = PortPicker(47000, 47099)
+    ports = PortPicker(31900, 31999)
     async with client.ApiClient() as api:
         core = client.CoreV1Api(api)
         try:
@@ -157,9 +157,9 @@ async def main(workdir: Path) -> int:
     env = {"ORCH_ENGINE_BACKEND": "kubernetes", "ORCH_ENGINE_IMAGE": IMAGE, "ORCH_DEPLOYMENT": deployment,
            "ORCH_KUBECONFIG": kubeconfig, "ORCH_K8S_URL_MODE": "hostport", "ORCH_K8S_NAMESPACE": NAMESPACE,
            "ORCH_K8S_STORAGE_CLASS": STORAGE_CLASS, "ORCH_BOOT_TIMEOUT_S": str(BOOT_TIMEOUT_S)}
-    prov = Orchestrator("k8s", workdir, env={**env, "ORCH_PORT_MIN": "42500", "ORCH_PORT_MAX": "42749"})
+    prov = Orchestrator("k8s", workdir, env={**env, "ORCH_PORT_MIN": "31400", "ORCH_PORT_MAX": "31599"})
     wake = Orchestrator("k8s-wake", workdir, env={
-        **env, "ORCH_PORT_MIN": "42750", "ORCH_PORT_MAX": "42999", "ORCH_IDLE_SLEEP_AFTER_S": "1",
+        **env, "ORCH_PORT_MIN": "31600", "ORCH_PORT_MAX": "31699", "ORCH_IDLE_SLEEP_AFTER_S": "1",
         "ORCH_HEALTH_CHECK_INTERVAL_S": "0.5", "ORCH_ACTIVITY_FLUSH_S": "0.25", "ORCH_SLEEP_MODE": "pause"})
     rc = 0
     try:

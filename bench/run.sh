@@ -95,6 +95,7 @@ emit() { printf '%s\n' "$*" | tee -a "$OUT"; }
 emit "bap-engine benchmark, $(date -u +%Y-%m-%dT%H:%M:%SZ), git $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
 emit "machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')), $(free -g | awk '/Mem:/ {print $2}') GB RAM; load average at start: $(cut -d' ' -f1-3 /proc/loadavg)"
 emit "pinning: orchestrator + Postgres + engines it spawns on CPU 0 (taskset); wrk and drivers on CPU 1"
+emit "engine ports: 30000-32767 (kernel ephemeral range $(tr '\t' '-' </proc/sys/net/ipv4/ip_local_port_range))"
 emit ""
 
 # section NAME TIMEOUT_S CPU DRIVER [ARGS...]: one driver, bounded; its stdout (the table) is kept.

@@ -183,7 +183,7 @@ async def _sweeps(dsn: str, master: str, admin: str, engines: dict[str, int], pg
 async def _serve_rss(workdir: Path, dsn: str, master: str, admin: str, platform_key: str,
                      engines_file: Path, pgdata: Path, t: Table) -> None:
     env = {"ORCH_DATABASE_URL": dsn, "ORCH_MASTER_KEY": master, "ORCH_ADMIN_KEY": admin,
-           "ORCH_PORT_MIN": "45000", "ORCH_PORT_MAX": "45099"}
+           "ORCH_PORT_MIN": "31700", "ORCH_PORT_MAX": "31799"}
     async with httpx.AsyncClient(timeout=60) as c:
         plain = Orchestrator("sweep-serve", workdir, env={**env, "ORCH_WORKERS_ENABLED": "false"},
                              argv=(BAP_ENGINE, "serve"))

@@ -83,7 +83,7 @@ async def measure(title: str, o: Orchestrator, rounds: int, t: Table, target_s: 
 async def main(workdir: Path) -> int:
     t = Table("Self-healing: wake from sleep (subprocess backend, SIGSTOP/SIGCONT; orchestrator on CPU 0)")
     o = Orchestrator("wake", workdir, env={
-        "ORCH_PORT_MIN": "41500", "ORCH_PORT_MAX": "41999", "ORCH_IDLE_SLEEP_AFTER_S": "1",
+        "ORCH_PORT_MIN": "31000", "ORCH_PORT_MAX": "31099", "ORCH_IDLE_SLEEP_AFTER_S": "1",
         "ORCH_HEALTH_CHECK_INTERVAL_S": "0.5", "ORCH_ACTIVITY_FLUSH_S": "0.25", "ORCH_SLEEP_MODE": "pause"})
     rc = 0
     try:

@@ -1,6 +1,6 @@
 """Shared fixtures: one Postgres per test run, settings on tmp_path, the app and its client.
 
-- `pg_dsn` (session): `ORCH_TEST_DATABASE_URL`, or an embedded `pgserver` in a session tmp dir;
+- `pg_dsn` (session): `ORCH_TEST_DATABASE_URL`, or an embedded `pgserver` in a private /tmp dir;
   migrated once. Only tests that ask for it (directly or through `settings`) start it.
 - `settings`: a unique deployment, a unique 40-port range and data_dir on tmp_path. Its teardown
   destroys every engine process the test left under `tmp_path/engines` (whatever app created

@@ -16,8 +16,8 @@ from typing import Any
 import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
-from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 
+from bap_engine.api.bodylimit import BodyLimit
 from bap_engine.api.deps import Services
 from bap_engine.api.errors import envelope, install_error_handlers
 from bap_engine.api.metrics import MeteredDiscovery
@@ -145,14 +145,6 @@ async def register_product(
     return product.id, key
 
 
-class _BodyLimit(BaseHTTPMiddleware):
-    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
-            return envelope(413, "PAYLOAD_TOO_LARGE", f"request body exceeds {MAX_BODY} bytes")
-        return await call_next(request)
-
-
 async def _db_down(request: Request, exc: Exception) -> Response:
     return envelope(503, "SERVICE_UNAVAILABLE", "database unavailable")
 
@@ -170,14 +162,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 services.extras["leadership"] = leadership
                 yield {}
 
-    app = FastAPI(title="bap-engine", version="0.1.0", lifespan=lifespan,
+    app = FastAPI(title="bap-engine", version="0.1.0", lifespan=lifespan, redirect_slashes=False,
                   description="Control plane that runs one AI-agent engine per user.")
     app.state.settings = settings
     install_error_handlers(app)
-    for exc in (asyncpg.PostgresConnectionError, asyncpg.CannotConnectNowError, asyncpg.TooManyConnectionsError,
-                asyncpg.InterfaceError, ConnectionError):
+    # the database is down, refusing connections, or its socket is gone: 503, not 500
+    for exc in (asyncpg.PostgresConnectionError, asyncpg.OperatorInterventionError, asyncpg.TooManyConnectionsError,
+                asyncpg.ObjectNotInPrerequisiteStateError, asyncpg.InvalidCatalogNameError, asyncpg.InterfaceError,
+                OSError):
         app.add_exception_handler(exc, _db_down)
-    app.add_middleware(_BodyLimit)
+    app.add_middleware(BodyLimit, max_body=MAX_BODY)
     for module in (health, engines, fleet, admin):
         app.include_router(module.router)
     install_ops(app)  # request log (outermost), Prometheus, admin ops and dashboard routes, OpenAPI

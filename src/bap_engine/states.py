@@ -42,7 +42,7 @@ TRANSITIONS: dict[EngineState, frozenset[EngineState]] = {
     S.PROVISIONING: frozenset({S.RUNNING, S.DESTROYING}),
     S.RUNNING: frozenset({S.SLEEPING, S.STOPPED, S.FAILED, S.DESTROYING}),
     S.SLEEPING: frozenset({S.RUNNING, S.STOPPED, S.FAILED, S.DESTROYING}),
-    S.STOPPED: frozenset({S.RUNNING, S.DESTROYING}),
+    S.STOPPED: frozenset({S.RUNNING, S.FAILED, S.DESTROYING}),  # [decided] failed: a start that failed
     S.FAILED: frozenset({S.RUNNING, S.DESTROYING}),
     S.DESTROYING: frozenset(),
 }

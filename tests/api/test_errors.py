@@ -8,7 +8,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
-import pytest
 from fastapi import FastAPI
 
 from bap_engine.config import Settings
@@ -249,8 +248,6 @@ async def test_unknown_route_and_wrong_method(client: httpx.AsyncClient) -> None
         assert_envelope(await client.request(method, path, headers=pk(key)), 405, "METHOD_NOT_ALLOWED")
 
 
-@pytest.mark.xfail(reason="app.py: FastAPI's redirect_slashes answers a trailing slash with an empty 307 "
-                          "instead of the envelope (404 NOT_FOUND)", strict=True)
 async def test_trailing_slash_is_an_unknown_route_in_the_envelope(client: httpx.AsyncClient) -> None:
     _, key = await register_product(client)
     assert_envelope(await client.get("/engines/", headers=pk(key)), 404, "NOT_FOUND")
@@ -274,8 +271,6 @@ async def test_payload_too_large(client: httpx.AsyncClient, app: FastAPI) -> Non
     assert r.status_code == 200 and r.json()["reason"] == "engine_not_found"
 
 
-@pytest.mark.xfail(reason="app.py _BodyLimit only checks Content-Length: a chunked body over 64 KiB is read "
-                          "in full and processed", strict=True)
 async def test_payload_too_large_chunked(client: httpx.AsyncClient) -> None:
     _, key = await register_product(client)
 

@@ -12,7 +12,6 @@ from collections.abc import AsyncIterator
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
-import pytest
 from asgi_lifespan import LifespanManager
 
 from bap_engine.app import create_app
@@ -73,10 +72,6 @@ async def test_fresh_database_is_migrated_at_start(settings: Settings, pg_dsn: s
             await conn.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "app.py maps only asyncpg connection-class errors and ConnectionError to 503: a server refusing new "
-    "connections (ObjectNotInPrerequisiteStateError here) or an embedded server whose socket is gone "
-    "(FileNotFoundError) gives 500 INTERNAL_ERROR instead of 503 SERVICE_UNAVAILABLE"))
 async def test_database_refusing_connections_is_service_unavailable(
     settings: Settings, pg_dsn: str, response_log: ResponseLog
 ) -> None:

@@ -4,16 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from bap_engine.config import Settings
 from bap_engine.states import EngineState, can_transition
 from tests.conftest import ResponseLog, assert_envelope, open_app, pk, register_product
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "lifecycle.bring_up marks an engine whose start fails `failed`, also from `stopped`: stopped → failed is "
-    "not in states.TRANSITIONS (stopped → {running, destroying}), which lifecycle never consults"))
 async def test_a_failed_start_of_a_stopped_engine_stays_in_the_table(
     settings: Settings, tmp_path: Path, response_log: ResponseLog
 ) -> None:

@@ -10,11 +10,11 @@ from bap_engine.states import TRANSITIONS, AuditAction, EngineState, can_transit
 
 S = EngineState
 # provisioning → running ⇄ sleeping; running/sleeping → stopped → running; running → failed → running;
-# any → destroying. [decided] sleeping → failed: a wake whose engine does not come up.
+# any → destroying. [decided] sleeping/stopped → failed: a wake or start whose engine does not come up.
 EXPECTED = {
     (S.PROVISIONING, S.RUNNING), (S.RUNNING, S.SLEEPING), (S.SLEEPING, S.RUNNING),
     (S.RUNNING, S.STOPPED), (S.SLEEPING, S.STOPPED), (S.STOPPED, S.RUNNING),
-    (S.RUNNING, S.FAILED), (S.SLEEPING, S.FAILED), (S.FAILED, S.RUNNING),
+    (S.RUNNING, S.FAILED), (S.SLEEPING, S.FAILED), (S.STOPPED, S.FAILED), (S.FAILED, S.RUNNING),
     *((s, S.DESTROYING) for s in S if s is not S.DESTROYING),
 }
 

@@ -37,6 +37,7 @@ from bap_engine.errors import (
     EngineBusy,
     EngineNotFound,
     EngineNotRunning,
+    InternalError,
     PortExhaustion,
     QuotaExceeded,
 )
@@ -44,7 +45,7 @@ from bap_engine.keys import KeySealer, hash_key, new_engine_key
 from bap_engine.lifecycle.probe import probe_health
 from bap_engine.lifecycle.views import EngineView, view
 from bap_engine.registry import EngineRow, ProductRow
-from bap_engine.states import AuditAction, EngineState
+from bap_engine.states import AuditAction, EngineState, can_transition
 
 __all__ = ["LifecycleCore", "now"]
 
@@ -114,6 +115,9 @@ class LifecycleCore:
         metadata: dict[str, object] | None = None, duration_ms: int | None = None, **values: object,
     ) -> EngineRow:
         """Record an outcome and its audit row in one transaction; releases the op."""
+        new = values.get("status")
+        if isinstance(new, EngineState) and new != row.status and not can_transition(row.status, new):
+            raise InternalError(f"transition {row.status} → {new} is not in the state table")
         async with self.pool.acquire() as conn, conn.transaction():
             new = await registry.update_engine(conn, row.id, op=None, op_owner=None, op_deadline=None, **values)
             if action is not None:

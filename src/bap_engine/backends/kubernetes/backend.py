@@ -312,11 +312,13 @@ class KubernetesBackend:
         """Delete StatefulSet, pod, Service, Secret and PVC (the data). Idempotent: 404 is success."""
         names = m.names_for(engine_id)
         with translated(f"kubernetes destroy {engine_id}"):
+            # Pod first, PVC after: the PVC is owned by the StatefulSet, and a 1.20 kubelet whose
+            # running pod loses its PVC blocks that pod's worker for minutes (it never terminates).
+            if await self._scale(engine_id, 0, sleep=False):
+                await self._delete("pod", names.pod, grace_period_seconds=1)
+                await self._wait_pod_gone(names.pod, _DESTROY_WAIT_S)
             await self._delete("stateful_set", names.statefulset, propagation_policy="Background")
             await self._delete("pod", names.pod, grace_period_seconds=1)
-            # The PVC goes only after the pod: a kubelet (1.20) whose running pod loses its PVC
-            # blocks that pod's worker for minutes in the volume wait, and the pod never terminates.
-            await self._wait_pod_gone(names.pod, _DESTROY_WAIT_S)
             await self._delete("service", names.service)
             await self._delete("secret", names.secret)
             await self._delete("persistent_volume_claim", names.pvc)
