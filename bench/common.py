@@ -274,6 +274,8 @@ class Orchestrator:
         gate = asyncio.Semaphore(concurrency)
         ok = bad = 0
 
+        failures: list[str] = []
+
         async def one(key: str, user: str) -> None:
             nonlocal ok, bad
             async with gate:
@@ -282,8 +284,9 @@ class Orchestrator:
                     if r.status_code in (200, 404):
                         ok += 1
                         return
-                except httpx.HTTPError:
-                    pass
+                    failures.append(f"{user}: HTTP {r.status_code} {r.text[:120]}")
+                except httpx.HTTPError as err:
+                    failures.append(f"{user}: {type(err).__name__}")
                 bad += 1
 
         keys = [key] if key is not None else list(self.users)
@@ -291,6 +294,8 @@ class Orchestrator:
         await asyncio.gather(*(one(k, u) for k, u in pairs))
         for k in keys:
             self.users.get(k, set()).clear()
+        if failures:
+            log(f"{self.name}: {bad} DELETE /engines/{{u}} failed, e.g. {failures[0]}")
         return ok, bad
 
     def stop(self) -> None:

@@ -189,6 +189,21 @@ async def main(workdir: Path) -> int:
                 async with httpx.AsyncClient(timeout=BOOT_TIMEOUT_S + 30) as c:
                     await o.destroy_all(c)
             o.stop()
+        # what the API destroy left behind (cascading deletion is asynchronous: wait up to 60 s)
+        selector = f"bap-engine.deployment={deployment}"
+        deadline = time.monotonic() + 60
+        remaining: list[str] = []
+        while time.monotonic() < deadline:
+            got = subprocess.run(["kubectl", "--kubeconfig", kubeconfig, "-n", NAMESPACE, "get",
+                                  "statefulset,service,secret,pvc,pod", "-l", selector, "-o", "name"],
+                                 capture_output=True, text=True, timeout=30, check=False)
+            remaining = got.stdout.split()
+            if got.returncode == 0 and not remaining:
+                break
+            await asyncio.sleep(2)
+        if remaining:
+            t.note(f"kubernetes: 60 s after every DELETE /engines/{{u}} answered, objects of this run were still "
+                   f"there: {', '.join(remaining)} (deleted now)")
         # safety net: whatever of this run's deployment the API did not remove
         left = subprocess.run(["kubectl", "--kubeconfig", kubeconfig, "-n", NAMESPACE, "delete",
                                "statefulset,service,secret,pvc,pod", "-l", f"bap-engine.deployment={deployment}",

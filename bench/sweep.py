@@ -185,7 +185,7 @@ async def _serve_rss(workdir: Path, dsn: str, master: str, admin: str, platform_
     env = {"ORCH_DATABASE_URL": dsn, "ORCH_MASTER_KEY": master, "ORCH_ADMIN_KEY": admin,
            "ORCH_PORT_MIN": "31700", "ORCH_PORT_MAX": "31799"}
     async with httpx.AsyncClient(timeout=60) as c:
-        plain = Orchestrator("sweep-serve", workdir, env={**env, "ORCH_WORKERS_ENABLED": "false"},
+        plain = Orchestrator("sweep-plain", workdir, env={**env, "ORCH_WORKERS_ENABLED": "false"},
                              argv=(BAP_ENGINE, "serve"))
         try:
             await plain.start()
@@ -204,7 +204,7 @@ async def _serve_rss(workdir: Path, dsn: str, master: str, admin: str, platform_
             plain.stop()
 
         fixture = Orchestrator(
-            "sweep-serve-workers", workdir, argv=(PYTHON, str(BENCH / "fixtures" / "serve_fixture.py")),
+            "sweep-workers", workdir, argv=(PYTHON, str(BENCH / "fixtures" / "serve_fixture.py")),
             env={**env, "ORCH_HEALTH_CHECK_INTERVAL_S": str(SERVE_SWEEP_INTERVAL_S),
                  "BENCH_FIXTURE_ENGINES": str(engines_file)})
         try:

@@ -252,7 +252,7 @@ start_node() {
     --healthz-bind-address=127.0.0.1 --authentication-token-webhook=false --anonymous-auth=true \
     --authorization-mode=AlwaysAllow --max-pods=250 \
     --eviction-hard='nodefs.available<1%,imagefs.available<1%,memory.available<100Mi' \
-    --image-gc-high-threshold=100 --image-gc-low-threshold=99
+    --image-gc-high-threshold=100 --image-gc-low-threshold=99 --v="${BAP_K8S_KUBELET_V:-2}"
 }
 
 node_ready() {

@@ -114,7 +114,7 @@ async def build_services(settings: Settings) -> AsyncIterator[Services]:
             try:
                 async with pool.acquire(timeout=2) as conn:
                     return await migrate.is_current(conn, head)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+            except Exception:  # whatever the database does, /health answers 503, never 500
                 return False
 
         services = Services(lifecycle, discovery, Fleet(pool, settings.admin_key), ready,
@@ -169,6 +169,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # the database is down, refusing connections, or its socket is gone: 503, not 500
     for exc in (asyncpg.PostgresConnectionError, asyncpg.OperatorInterventionError, asyncpg.TooManyConnectionsError,
                 asyncpg.ObjectNotInPrerequisiteStateError, asyncpg.InvalidCatalogNameError, asyncpg.InterfaceError,
+                asyncpg.InternalClientError,
                 OSError):
         app.add_exception_handler(exc, _db_down)
     app.add_middleware(BodyLimit, max_body=MAX_BODY)

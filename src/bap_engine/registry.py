@@ -61,6 +61,7 @@ class EngineRow:
     op_owner: int | None
     op_deadline: datetime | None
     pending_key_enc: str | None = None  # a rotation in flight (sealed)
+    deployment: str = "default"
 
 
 _PRODUCT_COLS = "id, slug, display_name, policy, created_at"
@@ -152,14 +153,16 @@ async def get_engine_by_id(conn: asyncpg.Connection, engine_id: str) -> EngineRo
 async def insert_engine(
     conn: asyncpg.Connection, *, id: str, product_id: str, user_id: str, port: int, url: str,
     engine_version: str, api_key_hash: str, engine_key_enc: str, op_owner: int, op_ttl_s: float,
+    deployment: str = "default",
 ) -> EngineRow | None:
     """Insert a `provisioning` row holding the provision op; None if the user has one."""
     r = await conn.fetchrow(
         f"INSERT INTO engines (id, product_id, user_id, status, port, url, engine_version, api_key_hash, "
-        f"engine_key_enc, op, op_owner, op_deadline) VALUES ($1,$2,$3,'provisioning',$4,$5,$6,$7,$8,"
-        f"'provision',$9, now() + make_interval(secs => $10)) "
+        f"engine_key_enc, op, op_owner, op_deadline, deployment) VALUES ($1,$2,$3,'provisioning',$4,$5,$6,$7,$8,"
+        f"'provision',$9, now() + make_interval(secs => $10), $11) "
         f"ON CONFLICT (product_id, user_id) DO NOTHING RETURNING {_ENGINE_COLS}",
         id, product_id, user_id, port, url, engine_version, api_key_hash, engine_key_enc, op_owner, op_ttl_s,
+        deployment,
     )
     return _engine(r)
 
@@ -237,14 +240,16 @@ async def count_by_product_status(conn: asyncpg.Connection) -> list[tuple[str, s
     return [(r["product_id"], r["status"], int(r["n"])) for r in rows]
 
 
-async def engines_in_states(conn: asyncpg.Connection, states: Sequence[EngineState]) -> list[EngineRow]:
-    rows = await conn.fetch(f"SELECT {_ENGINE_COLS} FROM engines WHERE status = ANY($1::text[])",
-                            [str(s) for s in states])
+async def engines_in_states(
+    conn: asyncpg.Connection, deployment: str, states: Sequence[EngineState]
+) -> list[EngineRow]:
+    rows = await conn.fetch(f"SELECT {_ENGINE_COLS} FROM engines WHERE deployment = $1 AND status = ANY($2::text[])",
+                            deployment, [str(s) for s in states])
     return [e for e in map(_engine, rows) if e is not None]
 
 
-async def all_engines(conn: asyncpg.Connection) -> list[EngineRow]:
-    rows = await conn.fetch(f"SELECT {_ENGINE_COLS} FROM engines")
+async def all_engines(conn: asyncpg.Connection, deployment: str) -> list[EngineRow]:
+    rows = await conn.fetch(f"SELECT {_ENGINE_COLS} FROM engines WHERE deployment = $1", deployment)
     return [e for e in map(_engine, rows) if e is not None]
 
 
@@ -278,20 +283,21 @@ async def bump_health_failures(conn: asyncpg.Connection, engine_ids: Sequence[st
     return {r["id"]: int(r["health_failures"]) for r in rows}
 
 
-async def due_restarts(conn: asyncpg.Connection, max_attempts: int) -> list[EngineRow]:
+async def due_restarts(conn: asyncpg.Connection, deployment: str, max_attempts: int) -> list[EngineRow]:
     rows = await conn.fetch(
-        f"SELECT {_ENGINE_COLS} FROM engines WHERE status = 'failed' AND next_restart_at IS NOT NULL "
-        f"AND next_restart_at <= now() AND restart_attempts < $1 AND op IS NULL",
-        max_attempts,
+        f"SELECT {_ENGINE_COLS} FROM engines WHERE deployment = $1 AND status = 'failed' "
+        f"AND next_restart_at IS NOT NULL AND next_restart_at <= now() AND restart_attempts < $2 AND op IS NULL",
+        deployment, max_attempts,
     )
     return [e for e in map(_engine, rows) if e is not None]
 
 
-async def stale_ops(conn: asyncpg.Connection) -> list[EngineRow]:
+async def stale_ops(conn: asyncpg.Connection, deployment: str) -> list[EngineRow]:
     """Rows whose op deadline passed or whose owner process is gone."""
     rows = await conn.fetch(
-        f"SELECT {_ENGINE_COLS} FROM engines WHERE op IS NOT NULL AND (op_deadline < now() OR NOT EXISTS ("
-        f"SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND classid = 7415004 "
-        f"AND objid = engines.op_owner::oid AND objsubid = 2))"
+        f"SELECT {_ENGINE_COLS} FROM engines WHERE deployment = $1 AND op IS NOT NULL AND (op_deadline < now() "
+        f"OR NOT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND classid = 7415004 "
+        f"AND objid = engines.op_owner::oid AND objsubid = 2))",
+        deployment,
     )
     return [e for e in map(_engine, rows) if e is not None]

@@ -103,4 +103,5 @@ async def kill_behind_back(backend: EngineBackend, placement: Placement) -> None
     node failure would. The StatefulSet recreates the pod by itself; inspect reports EXITED
     while the old pod terminates, then RUNNING again once the new one is up."""
     assert isinstance(backend, KubernetesBackend)
+    await backend.settle(placement.engine_id)  # never delete a pod the kubelet is still starting
     await backend._delete("pod", names_for(placement.engine_id).pod)

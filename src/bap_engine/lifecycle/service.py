@@ -163,6 +163,7 @@ class LifecycleCore:
             conn, id=engine_id, product_id=product.id, user_id=user_id, port=port,
             url=self.backend.url_for(engine_id, port), engine_version=version, api_key_hash=hash_key(key),
             engine_key_enc=self.sealer.seal(key), op_owner=self.owner_id, op_ttl_s=self._op_ttl,
+            deployment=self.settings.deployment,
         )
         if row is None:  # a concurrent insert won; the product lock makes this unreachable
             raise EngineAlreadyExists()

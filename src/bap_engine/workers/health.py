@@ -8,6 +8,7 @@ min(BASE·2ⁿ, MAX) seconds (+ up to 10 % jitter) until ORCH_RESTART_MAX_ATTEMP
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import time
 from collections.abc import Callable, Mapping
@@ -24,6 +25,8 @@ from bap_engine.registry import EngineRow
 from bap_engine.states import AuditAction, EngineState
 
 __all__ = ["HealthWorker", "backoff_s"]
+
+log = logging.getLogger("bap_engine.workers.health")
 
 
 def backoff_s(attempt: int, base: float, cap: float, jitter: float = 0.1) -> float:
@@ -48,7 +51,7 @@ class HealthWorker:
         started = time.monotonic()
         pool: asyncpg.Pool = self.lc.pool
         async with pool.acquire() as conn:
-            running = await registry.engines_in_states(conn, [EngineState.RUNNING])
+            running = await registry.engines_in_states(conn, self.s.deployment, [EngineState.RUNNING])
         observed = await observe_all(self.lc)
         results = await self._probe_all(running, observed)
         ok = [r for r, good in zip(running, results, strict=True) if good]
@@ -97,7 +100,7 @@ class HealthWorker:
 
     async def _restart_due(self) -> int:
         async with self.lc.pool.acquire() as conn:
-            due = await registry.due_restarts(conn, self.s.restart_max_attempts)
+            due = await registry.due_restarts(conn, self.s.deployment, self.s.restart_max_attempts)
         started = 0
         for row in due:
             task = self._restarts.get(row.id)
@@ -115,14 +118,13 @@ class HealthWorker:
 
     async def _restart(self, row: EngineRow) -> None:
         attempt = row.restart_attempts
-        await self.lc.audit_event(row, AuditAction.AUTO_RESTART_START, {"attempt": attempt})
         try:
-            result = await self.lc.restart(row, attempt)
+            await self.lc.audit_event(row, AuditAction.AUTO_RESTART_START, {"attempt": attempt})
+            await self.lc.restart(row, attempt)  # None: no longer failed, or another replica holds it
         except BapError as err:
             await self._restart_failed(row, attempt, err.code)
-            return
-        if result is None:
-            return  # no longer failed, or another replica holds it
+        except Exception as err:  # a restart task never dies silently
+            log.error("restart attempt crashed", extra={"engine_id": row.id, "error": type(err).__name__})
 
     async def _restart_failed(self, row: EngineRow, attempt: int, error: str) -> None:
         attempts = attempt + 1

@@ -25,7 +25,8 @@ class IdleWorker:
 
     async def run_once(self) -> int:
         async with self.lc.pool.acquire() as conn:
-            rows = await registry.engines_in_states(conn, [EngineState.RUNNING, EngineState.SLEEPING])
+            awake_or_asleep = [EngineState.RUNNING, EngineState.SLEEPING]
+            rows = await registry.engines_in_states(conn, self.s.deployment, awake_or_asleep)
         t = self._clock()
         acted = 0
         for row in rows:

@@ -26,7 +26,7 @@ from bap_engine.workers.reconcile import ReconcileWorker
 __all__ = ["run_workers", "Leadership", "LEADER_LOCK"]
 
 log = logging.getLogger("bap_engine.leader")
-LEADER_LOCK = 7_415_005
+LEADER_LOCK = 7_415_005  # advisory lock class; the key is the deployment's hash
 
 
 @dataclass
@@ -51,7 +51,8 @@ async def _lead(dsn: str, lifecycle: Lifecycle, settings: Settings, state: Leade
             await _wait(stop, retry_s)
             continue
         try:
-            if await conn.fetchval("SELECT pg_try_advisory_lock($1)", LEADER_LOCK):
+            # one leader per deployment
+            if await conn.fetchval("SELECT pg_try_advisory_lock($1, hashtext($2))", LEADER_LOCK, settings.deployment):
                 await _serve_term(conn, lifecycle, settings, state, stop, retry_s)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as err:
             log.warning("leadership lost", extra={"error": type(err).__name__})

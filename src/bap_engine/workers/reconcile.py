@@ -31,8 +31,8 @@ class ReconcileWorker:
 
     async def run_once(self) -> int:
         async with self.lc.pool.acquire() as conn:
-            stale = {r.id for r in await registry.stale_ops(conn)}
-            rows = await registry.all_engines(conn)
+            stale = {r.id for r in await registry.stale_ops(conn, self.s.deployment)}
+            rows = await registry.all_engines(conn, self.s.deployment)
         observed = await observe_all(self.lc)
         acted = 0
         for row in rows:
@@ -43,7 +43,7 @@ class ReconcileWorker:
                 acted += 1
         known = {r.id for r in rows}
         async with self.lc.pool.acquire() as conn:  # re-read: rows inserted since the snapshot
-            known |= {r.id for r in await registry.all_engines(conn)}
+            known |= {r.id for r in await registry.all_engines(conn, self.s.deployment)}
         t = self._clock()
         for engine_id, seen in observed.items():
             if engine_id in known:

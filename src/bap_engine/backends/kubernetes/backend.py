@@ -30,6 +30,7 @@ _MERGE = "application/merge-patch+json"
 _POLL_S = 0.25
 _DESTROY_WAIT_S = 30.0
 _PAUSE_GRACE_S = 30.0
+_SETTLE_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,36 +140,33 @@ class KubernetesBackend:
             if status_of(exc) != 404:
                 raise
 
-    async def _wait_gone(self, kind: str, name: str, timeout: float) -> bool:
-        core = await self._api.core()
-        read = getattr(core, f"read_namespaced_{kind}")
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                await read(name, self._config.namespace, _request_timeout=_T)
-            except ApiException as exc:
-                if status_of(exc) == 404:
-                    return True
-                raise
-            await asyncio.sleep(_POLL_S)
-        return False
-
     async def _wait_pod_gone(self, name: str, timeout: float) -> bool:
-        """Poll until the pod object is gone, force-deleting it once its containers are dead."""
+        """Poll until the pod object is gone, removing it ourselves (grace 0) once the kubelet
+        reports every container dead: the kubelet would only do so after its volume teardown,
+        on a 10 s status tick (7-14 s later), and the StatefulSet cannot restart the engine
+        until the old pod object is gone (so this is what makes a wake take ~2 s, not ~12 s)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             pod = await self._read_pod(name)
             if pod is None:
                 return True
-            if o.force_deletable(pod):
-                await self._delete("pod", name, grace_period_seconds=0)
+            if o.stopped_for_good(pod):
+                await self._delete("pod", name, grace_period_seconds=0, preconditions={"uid": pod.metadata.uid})
                 continue
             await asyncio.sleep(_POLL_S)
         return False
 
+    async def settle(self, engine_id: str, timeout: float = _SETTLE_S) -> None:
+        """Wait (bounded) while the engine's pod is being started: see `observe.starting`.
+        Everything that deletes an engine's pod (scale-down included) calls this first."""
+        name = m.names_for(engine_id).pod
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and o.starting(await self._read_pod(name)):
+            await asyncio.sleep(_POLL_S)
+
     async def _scale_down(self, engine_id: str, grace_s: float) -> None:
         """After replicas=0: delete the pod with `grace_s` and wait until the controller has seen
-        the scale-down and the pod is gone, so the engine no longer answers when this returns."""
+        the scale-down and the engine's container is dead, so it no longer answers."""
         pod = m.names_for(engine_id).pod
         # grace 0 would be a force delete: the object goes at once while the container still runs
         await self._delete("pod", pod, grace_period_seconds=max(1, int(grace_s)))
@@ -298,6 +296,7 @@ class KubernetesBackend:
         """
         with translated(f"kubernetes pause {engine_id}"):
             await self._require_awake_or_asleep(engine_id)
+            await self.settle(engine_id)
             if not await self._scale(engine_id, 0, sleep=True):
                 raise base.EngineAbsent(engine_id)
             await self._scale_down(engine_id, _PAUSE_GRACE_S)
@@ -305,6 +304,7 @@ class KubernetesBackend:
     async def stop(self, engine_id: str, grace_s: float = 30) -> None:
         """Scale to 0, delete the pod with `grace_s` and wait until it is gone. Absent is success."""
         with translated(f"kubernetes stop {engine_id}"):
+            await self.settle(engine_id)
             if await self._scale(engine_id, 0, sleep=False):
                 await self._scale_down(engine_id, grace_s)
 
@@ -314,15 +314,16 @@ class KubernetesBackend:
         with translated(f"kubernetes destroy {engine_id}"):
             # Pod first, PVC after: the PVC is owned by the StatefulSet, and a 1.20 kubelet whose
             # running pod loses its PVC blocks that pod's worker for minutes (it never terminates).
+            await self.settle(engine_id)
             if await self._scale(engine_id, 0, sleep=False):
                 await self._delete("pod", names.pod, grace_period_seconds=1)
                 await self._wait_pod_gone(names.pod, _DESTROY_WAIT_S)
             await self._delete("stateful_set", names.statefulset, propagation_policy="Background")
-            await self._delete("pod", names.pod, grace_period_seconds=1)
             await self._delete("service", names.service)
             await self._delete("secret", names.secret)
+            # pvc-protection keeps the claim (and the data) until the pod object is gone; the
+            # provisioner then deletes the volume: asynchronous, but certain
             await self._delete("persistent_volume_claim", names.pvc)
-            await self._wait_gone("persistent_volume_claim", names.pvc, _DESTROY_WAIT_S)
 
     # -- observation -------------------------------------------------------------------------
 

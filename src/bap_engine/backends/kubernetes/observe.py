@@ -20,7 +20,8 @@ from bap_engine.backends import base
 from bap_engine.backends.kubernetes import manifests as m
 
 __all__ = [
-    "force_deletable",
+    "stopped_for_good",
+    "starting",
     "utc",
     "IMAGE_ERRORS",
     "port_free",
@@ -97,11 +98,11 @@ def utc(when: object) -> datetime | None:
     return when.astimezone(UTC) if isinstance(when, datetime) else None
 
 
-def force_deletable(pod: Any) -> bool:
-    """A terminating pod whose engine can no longer run: deleting its object at once (grace 0)
-    is then safe even for a StatefulSet. The kubelet removes the object itself only after
-    its volumes are torn down, on a 10 s status-sync tick (about 7-14 s after the kill)."""
-    if pod is None or pod.metadata.deletion_timestamp is None:
+def stopped_for_good(pod: Any) -> bool:
+    """True when the pod is gone, or terminating with no engine container left running."""
+    if pod is None:
+        return True
+    if pod.metadata.deletion_timestamp is None:
         return False
     if not pod.spec.node_name:
         return True  # never scheduled: nothing runs anywhere
@@ -114,3 +115,18 @@ def force_deletable(pod: Any) -> bool:
         if cs.state.waiting is not None and cs.state.waiting.reason in _STARTING:
             return False  # may be about to start
     return True
+
+
+def starting(pod: Any) -> bool:
+    """Scheduled, and the kubelet may be creating its containers right now (per the API).
+
+    A 1.20 kubelet that gets a pod's deletion while its first sync is still creating the
+    containers marks the pod terminated without killing anything: the engine then runs on,
+    Terminating, for minutes. So nobody should delete a pod in this window.
+    """
+    if pod is None or pod.metadata.deletion_timestamp is not None or not pod.spec.node_name:
+        return False
+    statuses = pod.status.container_statuses or []
+    if not statuses:
+        return True
+    return any(cs.state.waiting is not None and cs.state.waiting.reason in _STARTING for cs in statuses)
