@@ -1,4 +1,7 @@
-"""Dependencies: the services built by the app, and auth, as `Annotated` aliases."""
+"""Dependencies: the services built by the app, and auth, as `Annotated` aliases.
+
+All are `async def`: FastAPI runs a plain `def` dependency in a thread pool, which on the
+admit hot path cost more than the database round trip."""
 
 from __future__ import annotations
 
@@ -30,7 +33,7 @@ class Services:
     extras: dict[str, object] = field(default_factory=dict)
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
 
@@ -38,15 +41,15 @@ def get_services(request: Request) -> Services:
 ServicesDep = Annotated[Services, Depends(get_services)]
 
 
-def get_lifecycle(services: ServicesDep) -> Lifecycle:
+async def get_lifecycle(services: ServicesDep) -> Lifecycle:
     return services.lifecycle
 
 
-def get_discovery(services: ServicesDep) -> Discovery:
+async def get_discovery(services: ServicesDep) -> Discovery:
     return services.discovery
 
 
-def get_fleet(services: ServicesDep) -> Fleet:
+async def get_fleet(services: ServicesDep) -> Fleet:
     return services.fleet
 
 
@@ -64,7 +67,7 @@ def check_user_id(user_id: str) -> str:
     return user_id
 
 
-def get_user_id(user_id: Annotated[str, Path(description="the product's user id")]) -> str:
+async def get_user_id(user_id: Annotated[str, Path(description="the product's user id")]) -> str:
     return check_user_id(user_id)
 
 
@@ -80,7 +83,7 @@ async def get_product(
 ProductDep = Annotated[ProductRow, Depends(get_product)]
 
 
-def require_admin(fleet: FleetDep, x_admin_key: Annotated[str | None, Header()] = None) -> None:
+async def require_admin(fleet: FleetDep, x_admin_key: Annotated[str | None, Header()] = None) -> None:
     fleet.check_admin(x_admin_key)
 
 

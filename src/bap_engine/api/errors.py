@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from bap_engine import errors as e
 from bap_engine.api.responses import JSON
@@ -84,6 +85,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
+    if isinstance(exc, ClientDisconnect):  # the caller went away: nothing to answer, nothing to report
+        return Response(status_code=499)
     log.error("unhandled error on %s %s: %s", request.method, request.url.path, type(exc).__name__)
     return envelope(500, "INTERNAL_ERROR", "internal error")
 

@@ -116,13 +116,15 @@ def _port_free(host: str, port: int) -> bool:
 
 
 def _write_record(path: Path, record: _Record) -> None:
-    """Atomically replace the record (0600: it holds the engine's env)."""
+    """Atomically replace the record (0600: it holds the engine's env).
+
+    No fsync: the record describes processes, which do not survive the machine either; the
+    rename alone keeps it whole across a crash of the orchestrator (and fsync twice per
+    create was the largest cost of a burst of provisions)."""
     fd, tmp = tempfile.mkstemp(prefix=".bap-process.", dir=path.parent)  # mkstemp creates 0600
     try:
         with os.fdopen(fd, "w") as fh:
             json.dump(record, fh, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

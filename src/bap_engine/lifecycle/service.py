@@ -64,11 +64,19 @@ class LifecycleCore:
         self.sealer = sealer
         self.owner_id = owner_id
         self._engine_env = dict(engine_env)
+        self._keys: dict[str, str] = {}
         self._op_ttl = settings.boot_timeout_s + settings.stop_grace_s + _OP_SLACK_S
 
     # ---- helpers -------------------------------------------------------------------------
     def key_of(self, row: EngineRow) -> str:
-        return self.sealer.open(row.engine_key_enc)
+        """The engine's key. Decryptions are cached by ciphertext (a rotation changes it),
+        because admit hands the key out on every call."""
+        key = self._keys.get(row.engine_key_enc)
+        if key is None:
+            if len(self._keys) >= 10_000:
+                self._keys.clear()
+            key = self._keys[row.engine_key_enc] = self.sealer.open(row.engine_key_enc)
+        return key
 
     def spec_for(self, row: EngineRow) -> EngineSpec:
         env = {**self._engine_env, "ENGINE_KEY_HASH": row.api_key_hash, "ENGINE_VERSION": row.engine_version}

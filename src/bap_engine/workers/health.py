@@ -102,10 +102,14 @@ class HealthWorker:
         async with self.lc.pool.acquire() as conn:
             due = await registry.due_restarts(conn, self.s.deployment, self.s.restart_max_attempts)
         started = 0
+        in_flight = sum(1 for t in self._restarts.values() if not t.done())
+        cap = max(1, self.s.health_concurrency // 5)  # a mass failure must not boot the whole fleet at once
         for row in due:
             task = self._restarts.get(row.id)
             if task is not None and not task.done():
                 continue
+            if in_flight + started >= cap:
+                break
             self._restarts[row.id] = asyncio.create_task(self._restart(row), name=f"restart-{row.id}")
             started += 1
         return started

@@ -31,6 +31,7 @@ _POLL_S = 0.25
 _DESTROY_WAIT_S = 30.0
 _PAUSE_GRACE_S = 30.0
 _SETTLE_S = 30.0
+_REPLACE_WAIT_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,13 +146,19 @@ class KubernetesBackend:
         reports every container dead: the kubelet would only do so after its volume teardown,
         on a 10 s status tick (7-14 s later), and the StatefulSet cannot restart the engine
         until the old pod object is gone (so this is what makes a wake take ~2 s, not ~12 s)."""
-        deadline = time.monotonic() + timeout
+        deadline, uid = time.monotonic() + timeout, None
         while time.monotonic() < deadline:
             pod = await self._read_pod(name)
-            if pod is None:
-                return True
+            if pod is None or uid not in (None, pod.metadata.uid):
+                return True  # gone, or already replaced by the controller's next pod
+            uid = pod.metadata.uid
             if o.stopped_for_good(pod):
-                await self._delete("pod", name, grace_period_seconds=0, preconditions={"uid": pod.metadata.uid})
+                options = {"gracePeriodSeconds": 0, "preconditions": {"uid": pod.metadata.uid}}
+                try:
+                    await self._delete("pod", name, body=options)
+                except ApiException as exc:
+                    if status_of(exc) != 409:  # 409: the UID changed, a new pod already
+                        raise
                 continue
             await asyncio.sleep(_POLL_S)
         return False
@@ -277,10 +284,26 @@ class KubernetesBackend:
     # -- transitions -------------------------------------------------------------------------
 
     async def start(self, engine_id: str) -> None:
-        """Scale to 1 (data kept). Raises base.EngineAbsent, base.BackendError."""
+        """Scale to 1 (data kept); a crashed or terminating pod is replaced by a fresh one
+        (this waits until the old one is dead). Raises base.EngineAbsent, base.BackendError."""
         with translated(f"kubernetes start {engine_id}"):
-            if not await self._scale(engine_id, 1, sleep=False):
+            sts = await self._read_sts(engine_id)
+            if sts is None:
                 raise base.EngineAbsent(engine_id)
+            if sts.spec.replicas and not o.sleeping(sts):
+                await self._replace_dead_pod(engine_id)
+            elif not await self._scale(engine_id, 1, sleep=False):
+                raise base.EngineAbsent(engine_id)
+
+    async def _replace_dead_pod(self, engine_id: str) -> None:
+        name = m.names_for(engine_id).pod
+        pod = await self._read_pod(name)
+        if pod is None or o.pod_state(pod) is not base.ObservedState.EXITED:
+            return  # running, or being (re)created by the controller
+        if pod.metadata.deletion_timestamp is None:  # crashed in place (CrashLoopBackOff...)
+            await self._delete("pod", name, grace_period_seconds=1)
+        if not await self._wait_pod_gone(name, _REPLACE_WAIT_S):
+            raise base.BackendError(f"old pod of {engine_id} still terminating", transient=True)
 
     async def resume(self, engine_id: str) -> None:
         """Scale a sleeping (or running) engine to 1. Raises base.EngineAbsent (also when stopped)."""
