@@ -20,6 +20,7 @@ from fastapi.responses import Response
 from bap_engine.api.bodylimit import BodyLimit
 from bap_engine.api.deps import Services
 from bap_engine.api.errors import envelope, install_error_handlers
+from bap_engine.api.fastpath import AdmitFastPath
 from bap_engine.api.metrics import MeteredDiscovery
 from bap_engine.api.ops import attach_metrics, install_ops
 from bap_engine.api.routes import admin, engines, fleet, health
@@ -172,6 +173,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 asyncpg.InternalClientError,
                 OSError):
         app.add_exception_handler(exc, _db_down)
+    app.add_middleware(AdmitFastPath)  # inside the body limit and the request log
     app.add_middleware(BodyLimit, max_body=MAX_BODY)
     for module in (health, engines, fleet, admin):
         app.include_router(module.router)

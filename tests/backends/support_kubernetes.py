@@ -18,7 +18,7 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 import pytest
 
@@ -37,7 +37,7 @@ def _required() -> bool:
     return os.environ.get("BAP_REQUIRE_K8S") == "1" or "kubernetes" in wanted
 
 
-def _unavailable(reason: str) -> None:
+def _unavailable(reason: str) -> NoReturn:
     if _required():
         pytest.fail(f"{_SKIP} ({reason})")
     pytest.skip(f"{_SKIP} ({reason})")
@@ -70,7 +70,8 @@ async def make_backend(workdir: Path, deployment: str) -> AsyncIterator[Kubernet
     del workdir  # the cluster is the runtime; nothing lives in the test's directory
     path = kubeconfig_path()
     if path is None:
-        _unavailable("no KUBECONFIG and no /tmp/bap-k8s/kubeconfig")
+        state = os.environ.get("BAP_K8S_STATE", "/tmp/bap-k8s")
+        _unavailable(f"no KUBECONFIG and no {state}/kubeconfig")
     url_mode = os.environ.get("BAP_K8S_URL_MODE", "hostport")
     if url_mode not in ("service", "hostport", "nodeport"):
         pytest.fail(f"BAP_K8S_URL_MODE={url_mode!r} is not service, hostport or nodeport")

@@ -17,7 +17,7 @@ from starlette.requests import ClientDisconnect
 from bap_engine import errors as e
 from bap_engine.api.responses import JSON
 
-__all__ = ["STATUS", "envelope", "install_error_handlers"]
+__all__ = ["STATUS", "envelope", "bap_error_response", "install_error_handlers"]
 
 log = logging.getLogger("bap_engine.api")
 
@@ -55,10 +55,15 @@ def _status_of(err: e.BapError) -> int:
     return 500
 
 
-async def _bap_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, e.BapError)
+def bap_error_response(exc: e.BapError) -> Response:
+    """The envelope of a domain error, with Retry-After on RATE_LIMITED."""
     headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, e.RateLimited) else None
     return envelope(_status_of(exc), exc.code, exc.message, headers)
+
+
+async def _bap_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, e.BapError)
+    return bap_error_response(exc)
 
 
 async def _validation_error(request: Request, exc: Exception) -> Response:

@@ -82,5 +82,5 @@ def iso(ts: datetime | None) -> str | None:
     if ts is None:
         return None
     if ts.tzinfo is not None:  # naive values are already UTC (asyncpg returns aware UTC)
-        ts = ts.astimezone(UTC)
-    return ts.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts.microsecond // 1000:03d}Z"
+        ts = ts.astimezone(UTC).replace(tzinfo=None)
+    return ts.isoformat(timespec="milliseconds") + "Z"

@@ -11,11 +11,12 @@ from pydantic import ValidationError
 from bap_engine.api.deps import DiscoveryDep, LifecycleDep, ProductDep, UserIdDep, check_user_id
 from bap_engine.api.models import AdmitBody, AdmitOut, EngineOut, ErrorOut, ProvisionBody, iso
 from bap_engine.api.responses import JSON
+from bap_engine.discovery import Discovery
 from bap_engine.errors import InvalidPlatformKey, ValidationFailed
 from bap_engine.lifecycle import EngineView
 from bap_engine.policy import parse_policy
 
-__all__ = ["router", "engine_json"]
+__all__ = ["router", "engine_json", "admit_response"]
 
 router = APIRouter(tags=["engines"])
 
@@ -104,11 +105,19 @@ async def admit(
     request: Request, user_id: UserIdDep, discovery: DiscoveryDep,
     x_platform_key: Annotated[str | None, Header()] = None,
 ) -> JSON:
-    """Rate limit → lookup → auto-provision or auto-wake → answer."""
-    if not x_platform_key:
+    """Rate limit → lookup → auto-provision or auto-wake → answer.
+
+    Served by api/fastpath.py in the running app (same code, without routing and dependency
+    solving); this route documents it and serves it wherever the fast path is not installed."""
+    return await admit_response(discovery, x_platform_key, user_id, await request.body())
+
+
+async def admit_response(discovery: Discovery, platform_key: str | None, user_id: str, body: bytes) -> JSON:
+    """The admit answer. Raises InvalidPlatformKey, ValidationFailed and admit's errors."""
+    if not platform_key:
         raise InvalidPlatformKey()
-    opts = _admit_options(await request.body())
-    result = await discovery.admit(x_platform_key, user_id, auto_provision=opts.auto_provision,
+    opts = _admit_options(body)
+    result = await discovery.admit(platform_key, user_id, auto_provision=opts.auto_provision,
                                    auto_wake=opts.auto_wake)
     if result.admitted and result.engine is not None:
         return JSON({"admitted": True, "engine": engine_json(result.engine)})

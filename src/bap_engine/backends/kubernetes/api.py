@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import json
 from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
+import kubernetes_asyncio.client
+import kubernetes_asyncio.config
 
 from bap_engine.backends import base
 
@@ -24,8 +25,8 @@ __all__ = ["Api", "ApiException", "REQUEST_TIMEOUT_S", "translated", "status_of"
 
 # kubernetes_asyncio ships py.typed but its generated code is unannotated; keeping it behind
 # `Any` here spares every caller `type: ignore[no-untyped-call]`.
-_client: Any = importlib.import_module("kubernetes_asyncio.client")
-_config: Any = importlib.import_module("kubernetes_asyncio.config")
+_client: Any = kubernetes_asyncio.client
+_config: Any = kubernetes_asyncio.config
 ApiException: type[Exception] = _client.exceptions.ApiException
 _TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 REQUEST_TIMEOUT_S = 30

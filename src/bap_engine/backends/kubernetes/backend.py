@@ -2,13 +2,17 @@
 
 Sleep is scale-to-zero keeping the PVC, so `pause` and `stop` both set replicas to 0; the
 difference is recorded in the `bap-engine/sleep` annotation (set by pause, cleared by
-stop/start/resume) and reported as PAUSED vs EXITED. pause/stop return once the pod is gone;
-start/resume scale back to 1 and do not wait for readiness (the orchestrator polls /health);
-create waits only until the container started (to report a missing image). URL modes (`KubernetesConfig.url_mode`):
-`service` http://<svc>.<ns>.svc:8000 (orchestrator in the cluster), `hostport` the pod's
-hostPort=spec.port bound on `host` (single-node/test clusters), `nodeport` a NodePort
-Service with nodePort=spec.port (needs kube-proxy). Never reads the environment; raises
-only `base` errors (see `api.translated`).
+stop/start/resume) and reported as PAUSED vs EXITED. pause/stop/destroy return once the
+engine's container is dead; start/resume scale back to 1 without waiting for readiness (the
+orchestrator polls /health); create waits only until the container started, to report a
+missing image or port. URL modes (`KubernetesConfig.url_mode`): `service`
+http://<svc>.<ns>.svc:8000 (orchestrator in the cluster), `hostport` the pod's hostPort=spec.port
+bound on `host` (single-node/test clusters), `nodeport` a NodePort Service (needs kube-proxy).
+
+Pod deletions follow two rules learnt on a 1.20 kubelet (harmless on newer ones): never delete
+a pod whose containers are still being created (`settle` first), and remove a dead pod's
+object ourselves (`_wait_pod_gone`) rather than wait for the kubelet's 10 s status tick.
+Never reads the environment; raises only `base` errors (see `api.translated`).
 """
 
 from __future__ import annotations
@@ -191,17 +195,17 @@ class KubernetesBackend:
         )
 
     async def _wait_container(self, spec: base.EngineSpec) -> None:
-        """Wait (bounded) until the engine's container started; ImageNotFound (after cleaning up)
-        when the runtime cannot get the image. Not a health wait."""
+        """Wait (bounded) until the engine's container started; ImageNotFound / PortInUse (after
+        cleaning up) when the runtime cannot get the image / no node has the port. Not a health wait."""
         pod = m.names_for(spec.engine_id).pod
         deadline = time.monotonic() + self._config.create_wait_s
         while time.monotonic() < deadline:
             outcome = o.container_outcome(await self._read_pod(pod))
             if outcome == "started":
                 return
-            if outcome == "image":
+            if outcome in ("image", "port"):
                 await self.destroy(spec.engine_id)
-                raise base.ImageNotFound(spec.image)
+                raise base.ImageNotFound(spec.image) if outcome == "image" else base.PortInUse(spec.port)
             await asyncio.sleep(_POLL_S)
 
     async def _require_awake_or_asleep(self, engine_id: str) -> None:

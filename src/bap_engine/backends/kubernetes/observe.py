@@ -65,9 +65,13 @@ _STARTING = (None, "ContainerCreating", "PodInitializing")
 
 
 def container_outcome(pod: Any) -> str | None:
-    """ "started" once the container ran, "image" when its image is missing, None while pending."""
+    """ "started" once the container ran, "image" when its image is missing, "port" when no node
+    has its hostPort free (the scheduler says so), None while pending."""
     if pod is None:
         return None
+    for cond in pod.status.conditions or []:
+        if cond.type == "PodScheduled" and cond.status == "False" and "free ports" in (cond.message or ""):
+            return "port"
     for cs in pod.status.container_statuses or []:
         if cs.state.running is not None or cs.state.terminated is not None or cs.restart_count:
             return "started"
