@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import asyncpg
+import orjson
 
 from bap_engine import audit, registry
 from bap_engine.audit import Denial
@@ -21,7 +22,7 @@ from bap_engine.errors import BapError, InvalidPlatformKey, RateLimited
 from bap_engine.keys import hash_key
 from bap_engine.lifecycle import EngineView, Lifecycle, view
 from bap_engine.policy import Policy, RateLimiter, parse_policy
-from bap_engine.registry import EngineRow, ProductRow
+from bap_engine.registry import AdmitLookup, EngineRow, ProductRow
 from bap_engine.states import EngineState
 
 __all__ = ["Discovery", "Admission"]
@@ -49,31 +50,58 @@ class Discovery:
         self._limiter = limiter
         self._activity: dict[str, datetime] = {}
         self._denials: dict[tuple[str, str, datetime, str], int] = defaultdict(int)
+        self._policies: dict[str, Policy] = {}
 
     async def admit(self, platform_key: str, user_id: str, *, auto_provision: bool, auto_wake: bool) -> Admission:
         """Admit a user's request. Raises InvalidPlatformKey, RateLimited, QuotaExceeded,
         PortExhaustion, BootTimeout, BackendFailed."""
         async with self._pool.acquire() as conn:
-            product, row = await registry.admit_lookup(conn, hash_key(platform_key), user_id)
-        if product is None:
+            found = await registry.admit_lookup(conn, hash_key(platform_key), user_id)
+        if found is None:
             raise InvalidPlatformKey()
-        policy = parse_policy(product.policy)
+        policy = self._policy(found.policy_text)
         if policy.rate_limit_rpm is not None:
             try:
-                await self._limiter.acquire(product.id, policy.rate_limit_rpm)
+                await self._limiter.acquire(found.product_id, policy.rate_limit_rpm)
             except RateLimited:
-                self._deny(product, "rate_limited")
+                self._deny(found.product_id, found.slug, "rate_limited")
                 raise
+        brief = found.engine
+        if brief is not None and brief.status == S.RUNNING:  # the common case: answer from the lookup
+            engine = EngineView(brief.id, found.product_id, user_id, str(brief.status), brief.url,
+                                self._lifecycle.open_key(brief.engine_key_enc), brief.engine_version,
+                                brief.created_at, brief.last_health_at)
+            self._activity[brief.id] = datetime.now(UTC)
+            return Admission(True, engine)
         try:
-            result = await self._decide(product, policy, user_id, row, auto_provision, auto_wake)
+            result = await self._slow_path(found, policy, user_id, auto_provision, auto_wake)
         except BapError as err:
-            self._deny(product, err.code.lower())
+            self._deny(found.product_id, found.slug, err.code.lower())
             raise
         if result.admitted and result.engine is not None:
             self._activity[result.engine.engine_id] = datetime.now(UTC)
         elif result.reason:
-            self._deny(product, result.reason)
+            self._deny(found.product_id, found.slug, result.reason)
         return result
+
+    def _policy(self, text: str) -> Policy:
+        policy = self._policies.get(text)
+        if policy is None:
+            if len(self._policies) > 10_000:
+                self._policies.clear()
+            policy = self._policies[text] = parse_policy(orjson.loads(text))
+        return policy
+
+    async def _slow_path(
+        self, found: AdmitLookup, policy: Policy, user_id: str, auto_provision: bool, auto_wake: bool
+    ) -> Admission:
+        """Anything but a running engine: read the full rows, then decide."""
+        async with self._pool.acquire() as conn:
+            product = await registry.get_product(conn, found.product_id)
+            row = await registry.get_engine(conn, found.product_id, user_id)
+        if product is None:
+            raise InvalidPlatformKey()
+        return await self._decide(product, policy, user_id, row, auto_provision, auto_wake)
 
     async def _decide(
         self, product: ProductRow, policy: Policy, user_id: str, row: EngineRow | None, auto_provision: bool,
@@ -103,9 +131,9 @@ class Discovery:
             async with self._pool.acquire() as conn:
                 row = await registry.get_engine(conn, product.id, user_id)
 
-    def _deny(self, product: ProductRow, reason: str) -> None:
+    def _deny(self, product_id: str, slug: str, reason: str) -> None:
         minute = datetime.now(UTC).replace(second=0, microsecond=0)
-        self._denials[(product.id, reason, minute, product.slug)] += 1
+        self._denials[(product_id, reason, minute, slug)] += 1
 
     async def flush(self) -> None:
         """Write buffered activity and coalesced denials (a few round trips per period)."""

@@ -17,7 +17,7 @@ from bap_engine.states import EngineState
 
 __all__ = [
     "ProductRow", "EngineRow", "insert_product", "get_product", "get_product_by_key_hash",
-    "set_policy", "list_products", "lock_product", "count_engines", "admit_lookup",
+    "set_policy", "list_products", "lock_product", "count_engines", "admit_lookup", "AdmitLookup", "EngineBrief",
     "get_engine", "get_engine_by_id", "insert_engine", "allocate_port", "claim_op",
     "update_engine", "delete_engine", "list_engines", "count_by_status", "engines_in_states",
     "touch_activity", "count_by_product_status", "all_engines", "record_health_ok", "bump_health_failures",
@@ -123,22 +123,43 @@ async def count_engines(conn: asyncpg.Connection, product_id: str) -> int:
     return int(await conn.fetchval("SELECT count(*) FROM engines WHERE product_id = $1", product_id))
 
 
-async def admit_lookup(
-    conn: asyncpg.Connection, key_hash: str, user_id: str
-) -> tuple[ProductRow | None, EngineRow | None]:
-    """Authenticate the product and find its user's engine in one round trip."""
+@dataclass(frozen=True, slots=True)
+class EngineBrief:
+    """The columns admit answers with when the engine runs."""
+
+    id: str
+    status: EngineState
+    url: str | None
+    engine_version: str
+    engine_key_enc: str
+    created_at: datetime
+    last_health_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class AdmitLookup:
+    product_id: str
+    slug: str
+    policy_text: str  # raw JSON: callers cache its parse
+    engine: EngineBrief | None
+
+
+async def admit_lookup(conn: asyncpg.Connection, key_hash: str, user_id: str) -> AdmitLookup | None:
+    """Authenticate the product and find its user's engine in one round trip (the hot path:
+    only the columns admit needs, ids cast server-side)."""
     r = await conn.fetchrow(
-        f"SELECT p.id AS p_id, p.slug, p.display_name, p.policy, p.created_at AS p_created_at, "
-        f"{_ENGINE_COLS_E} FROM products p LEFT JOIN engines e ON e.product_id = p.id AND e.user_id = $2 "
-        f"WHERE p.api_key_hash = $1",
+        "SELECT p.id::text AS p_id, p.slug, p.policy::text AS policy, e.id::text AS e_id, e.status, e.url, "
+        "e.engine_version, e.engine_key_enc, e.created_at, e.last_health_at FROM products p "
+        "LEFT JOIN engines e ON e.product_id = p.id AND e.user_id = $2 WHERE p.api_key_hash = $1",
         key_hash, user_id,
     )
     if r is None:
-        return None, None
-    product = ProductRow(r["p_id"], r["slug"], r["display_name"], r["policy"], r["p_created_at"])
-    if r["id"] is None:
-        return product, None
-    return product, _engine({f.name: r[f.name] for f in fields(EngineRow)})
+        return None
+    engine = None
+    if r["e_id"] is not None:
+        engine = EngineBrief(r["e_id"], EngineState(r["status"]), r["url"], r["engine_version"],
+                             r["engine_key_enc"], r["created_at"], r["last_health_at"])
+    return AdmitLookup(r["p_id"], r["slug"], r["policy"], engine)
 
 
 async def get_engine(conn: asyncpg.Connection, product_id: str, user_id: str) -> EngineRow | None:

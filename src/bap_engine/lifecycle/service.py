@@ -69,13 +69,16 @@ class LifecycleCore:
 
     # ---- helpers -------------------------------------------------------------------------
     def key_of(self, row: EngineRow) -> str:
-        """The engine's key. Decryptions are cached by ciphertext (a rotation changes it),
-        because admit hands the key out on every call."""
-        key = self._keys.get(row.engine_key_enc)
+        return self.open_key(row.engine_key_enc)
+
+    def open_key(self, sealed: str) -> str:
+        """Decrypt an engine key, cached by ciphertext (a rotation changes it), because admit
+        hands the key out on every call."""
+        key = self._keys.get(sealed)
         if key is None:
             if len(self._keys) >= 10_000:
                 self._keys.clear()
-            key = self._keys[row.engine_key_enc] = self.sealer.open(row.engine_key_enc)
+            key = self._keys[sealed] = self.sealer.open(sealed)
         return key
 
     def spec_for(self, row: EngineRow) -> EngineSpec:
