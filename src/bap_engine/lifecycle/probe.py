@@ -7,6 +7,8 @@ so it is one short-lived connection parsed with h11 rather than a full client.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import socket
 from urllib.parse import urlsplit
 
 import h11
@@ -26,10 +28,17 @@ class EngineReply:
 
 
 async def _exchange(url: str, method: str, path: str, headers: list[tuple[str, str]], body: bytes) -> EngineReply:
+    # A bare non-blocking socket, not asyncio streams: while engines boot most probes meet a
+    # refused connection, and a transport/protocol pair per attempt cost more CPU than the
+    # engines' own start on a busy core.
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
-    reader, writer = await asyncio.open_connection(host, port)
+    loop = asyncio.get_running_loop()
+    family, address = await _address(loop, host, port)
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setblocking(False)
     try:
+        await loop.sock_connect(sock, address)
         conn = h11.Connection(h11.CLIENT)
         hdrs = [("Host", f"{host}:{port}"), ("Connection", "close"), *headers]
         if body:
@@ -37,23 +46,37 @@ async def _exchange(url: str, method: str, path: str, headers: list[tuple[str, s
         data = conn.send(h11.Request(method=method, target=path, headers=hdrs))
         data += conn.send(h11.Data(data=body)) if body else b""
         data += conn.send(h11.EndOfMessage())
-        writer.write(data)
-        status, chunks = 0, bytearray()
-        while True:
-            event = conn.next_event()
-            if event is h11.NEED_DATA:
-                conn.receive_data(await reader.read(65536))
-            elif isinstance(event, h11.Response):
-                status = event.status_code
-            elif isinstance(event, h11.Data):
-                chunks += event.data
-                if len(chunks) > _MAX_BODY:
-                    break
-            elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
-                break
-        return EngineReply(status, bytes(chunks))
+        await loop.sock_sendall(sock, data)
+        return await _read_reply(loop, sock, conn)
     finally:
-        writer.close()
+        sock.close()
+
+
+async def _address(loop: asyncio.AbstractEventLoop, host: str, port: int) -> tuple[int, tuple[str, int]]:
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:  # a name (Kubernetes service DNS): resolve it
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, _, _, _, address = infos[0]
+        return int(family), (str(address[0]), int(address[1]))
+    return (socket.AF_INET6 if ip.version == 6 else socket.AF_INET), (host, port)
+
+
+async def _read_reply(loop: asyncio.AbstractEventLoop, sock: socket.socket, conn: h11.Connection) -> EngineReply:
+    status, chunks = 0, bytearray()
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await loop.sock_recv(sock, 65536))
+        elif isinstance(event, h11.Response):
+            status = event.status_code
+        elif isinstance(event, h11.Data):
+            chunks += event.data
+            if len(chunks) > _MAX_BODY:
+                break
+        elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+            break
+    return EngineReply(status, bytes(chunks))
 
 
 async def probe_health(url: str, timeout: float) -> bool:
