@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import asyncpg
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from bap_engine.errors import QuotaExceeded, RateLimited, ValidationFailed
 
@@ -36,6 +36,14 @@ class Policy(BaseModel):
     engine_version: str | None = Field(default=None, min_length=1, max_length=200,
                                        pattern=r"^[^\x00-\x1f\x7f]+$")  # NUL cannot be stored
     warm_pool: int | None = Field(default=None, ge=0, le=100)
+
+    @field_validator("warm_pool")
+    @classmethod
+    def _no_warm_pool_yet(cls, value: int | None) -> int | None:
+        # Accepting a pool size and then not keeping one would be a silent lie to the product.
+        if value:
+            raise ValueError("warm pools are not implemented yet: only 0 is accepted")
+        return value
 
 
 def parse_policy(raw: object) -> Policy:

@@ -16,8 +16,8 @@ def test_empty_policy_means_no_limits() -> None:
 
 
 def test_full_policy() -> None:
-    p = parse_policy({"max_engines": 3, "rate_limit_rpm": 60, "engine_version": "img:1.2", "warm_pool": 2})
-    assert (p.max_engines, p.rate_limit_rpm, p.engine_version, p.warm_pool) == (3, 60, "img:1.2", 2)
+    p = parse_policy({"max_engines": 3, "rate_limit_rpm": 60, "engine_version": "img:1.2", "warm_pool": 0})
+    assert (p.max_engines, p.rate_limit_rpm, p.engine_version, p.warm_pool) == (3, 60, "img:1.2", 0)
     with pytest.raises((TypeError, ValueError)):
         setattr(p, "max_engines", 4)  # frozen  # noqa: B010
 
@@ -30,7 +30,8 @@ def test_full_policy() -> None:
      ({"rate_limit_rpm": "yes"}, "rate_limit_rpm"), ({"rate_limit_rpm": 2**40}, "rate_limit_rpm"),
      ({"engine_version": ""}, "engine_version"), ({"engine_version": 1}, "engine_version"),
      ({"engine_version": "a\x00"}, "engine_version"), ({"engine_version": "x" * 201}, "engine_version"),
-     ({"warm_pool": -1}, "warm_pool"), ({"warm_pool": 101}, "warm_pool"), ({"warm_pool": None, "x": 1}, "x")],
+     ({"warm_pool": -1}, "warm_pool"), ({"warm_pool": 101}, "warm_pool"), ({"warm_pool": 2}, "warm_pool"),
+     ({"warm_pool": None, "x": 1}, "x")],
 )
 def test_bad_policies(raw: dict[str, object], where: str) -> None:
     with pytest.raises(ValidationFailed) as info:
@@ -60,3 +61,8 @@ def test_quota_counts_existing_engines(max_engines: int, existing: int, allowed:
         with pytest.raises(QuotaExceeded) as info:
             check_quota(policy, existing)
         assert str(max_engines) in info.value.message and info.value.code == "QUOTA_EXCEEDED"
+
+
+def test_warm_pool_is_refused_until_implemented() -> None:
+    with pytest.raises(ValidationFailed, match="not implemented"):
+        parse_policy({"warm_pool": 1})
