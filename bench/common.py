@@ -21,7 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -492,3 +492,16 @@ def run(main: Coroutine[object, object, None]) -> None:
     except KeyboardInterrupt as err:
         log(f"interrupted ({err}); cleaned up")
         sys.exit(130)
+
+
+def main_entry(main: Callable[[Path], Coroutine[object, object, int]]) -> None:
+    """`python bench/<section>.py WORKDIR`: run the section's `main(workdir)` and exit with its code."""
+    workdir = Path(sys.argv[1])
+    workdir.mkdir(parents=True, exist_ok=True)
+    code = [0]
+
+    async def _main() -> None:
+        code[0] = await main(workdir)
+
+    run(_main())
+    sys.exit(code[0])

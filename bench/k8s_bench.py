@@ -19,13 +19,12 @@ import contextlib
 import hashlib
 import secrets
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 
-from common import ROOT, Orchestrator, PortPicker, Table, log, median, ms, run, skipped, wait_healthy
+from common import ROOT, Orchestrator, PortPicker, Table, log, main_entry, median, ms, skipped, wait_healthy
 from wake import measure
 
 IMAGE = "bap-engine/refengine:0.1.0"
@@ -216,12 +215,4 @@ async def main(workdir: Path) -> int:
 
 
 if __name__ == "__main__":
-    wd = Path(sys.argv[1])
-    wd.mkdir(parents=True, exist_ok=True)
-    code = [0]
-
-    async def _main() -> None:
-        code[0] = await main(wd)
-
-    run(_main())
-    sys.exit(code[0])
+    main_entry(main)

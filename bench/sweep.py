@@ -48,12 +48,12 @@ from common import (
     affinity_of,
     cpu_seconds,
     log,
+    main_entry,
     median,
     ms,
     pin_pid_tree,
     pin_self,
     rss_mb,
-    run,
 )
 
 ENGINES = 2000
@@ -285,12 +285,4 @@ async def main(workdir: Path) -> int:
 
 
 if __name__ == "__main__":
-    wd = Path(sys.argv[1])
-    wd.mkdir(parents=True, exist_ok=True)
-    code = [0]
-
-    async def _main() -> None:
-        code[0] = await main(wd)
-
-    run(_main())
-    sys.exit(code[0])
+    main_entry(main)

@@ -12,13 +12,12 @@ with auto_wake; after it, the same engine's bare GET /health round trip is timed
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 from pathlib import Path
 
 import httpx
 
-from common import Orchestrator, Table, log, median, ms, pct, run
+from common import Orchestrator, Table, log, main_entry, median, ms, pct
 
 ROUNDS = 20
 HEALTH_PER_ROUND = 10
@@ -105,12 +104,4 @@ async def main(workdir: Path) -> int:
 
 
 if __name__ == "__main__":
-    wd = Path(sys.argv[1])
-    wd.mkdir(parents=True, exist_ok=True)
-    code = [0]
-
-    async def _main() -> None:
-        code[0] = await main(wd)
-
-    run(_main())
-    sys.exit(code[0])
+    main_entry(main)
