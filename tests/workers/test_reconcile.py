@@ -117,3 +117,25 @@ async def _abandon(dsn: str, engine_id: str, owner: int) -> None:
         await conn.execute("UPDATE engines SET op='rotate_key', op_owner=$2 WHERE id=$1", engine_id, owner)
     finally:
         await conn.close()
+
+
+async def test_stop_interrupted_by_a_crash_is_completed(make_app: AppFactory, settings: Settings, pg_dsn: str) -> None:
+    async with make_app() as (app, client):
+        _, key = await register_product(client)
+        r = await client.post("/engines/halt/admit", json={"auto_provision": True}, headers=pk(key))
+        engine_id = r.json()["engine"]["engine_id"]
+        pid = engine_pid(settings, engine_id)
+        await _abandon_op(pg_dsn, engine_id, "stop", 2**31 - 11)  # died right after claiming the stop
+        assert await ReconcileWorker(lifecycle_of(app), app.state.settings).run_once() == 1
+        assert (await client.get("/engines/halt", headers=pk(key))).json()["status"] == "stopped"
+        await wait_until(lambda: not alive(pid), timeout=10)
+        assert (await client.delete("/engines/halt", headers=pk(key))).status_code == 200
+
+
+async def _abandon_op(dsn: str, engine_id: str, op: str, owner: int) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute("UPDATE engines SET op=$2, op_owner=$3, op_deadline=now() + interval '1 hour' WHERE id=$1",
+                           engine_id, op, owner)
+    finally:
+        await conn.close()

@@ -54,6 +54,15 @@ async def finish_stuck(lc: Lifecycle, row: EngineRow, seen: Observed | None) -> 
         done = await lc.complete_rotation(claimed)
         await _note(lc, claimed, found, "rotation completed" if done else "rotation dropped")
         return "finished"
+    if row.op == "stop" and claimed.status in (S.RUNNING, S.SLEEPING):  # the caller asked for a stop: honour it
+        try:
+            await lc.backend.stop(claimed.id, lc.settings.stop_grace_s)
+        except BackendError:
+            await lc.release(claimed)
+            return "backend error"
+        await lc.finish(claimed, AuditAction.RECONCILE, metadata={"found": found, "done": "stop completed"},
+                        status=S.STOPPED, sleep_kind=None)
+        return "finished"
     if claimed.status == S.PROVISIONING:
         await lc.finish(claimed, AuditAction.RECONCILE, metadata={"found": found, "done": "marked running"},
                         status=S.RUNNING, last_health_at=now(), last_active_at=now())
