@@ -43,11 +43,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 60, log: Path | None = None) -> None:
+    """Poll /health until 200; fail at once (with the log's tail) if the server exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}")
+            tail = f":\n{log.read_text()[-2000:]}" if log is not None else ""
+            raise AssertionError(f"bap-engine serve exited with {proc.returncode}{tail}")
         try:
             if httpx.get(f"{url}/health", timeout=1).status_code == 200:
                 return
@@ -83,7 +85,7 @@ def start_server(settings: Settings, tmp_path: Path) -> Iterator[StartServer]:
                                     stdin=subprocess.DEVNULL)
         server = Server(proc, f"http://127.0.0.1:{port}", log)
         servers.append(server)
-        wait_ready(server.url, proc)
+        wait_ready(server.url, proc, log=log)
         return server
 
     yield start

@@ -10,22 +10,20 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
 import pytest
 from cryptography.fernet import Fernet
 
 from bap_engine.client import BapClient
 from bap_engine.config import Settings
 from tests.conftest import ADMIN_KEY, destroy_leftover_engines, next_port_range, unique_slug
+from tests.e2e.conftest import free_port, wait_ready
 
 
 @dataclass
@@ -52,26 +50,6 @@ class OpsProduct:
     platform_key: str
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"bap-engine serve exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("bap-engine serve did not become ready")
-
-
 @pytest.fixture(scope="session")
 async def ops_server(pg_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[OpsServer]:
     data_dir = tmp_path_factory.mktemp("ops-server")
@@ -79,7 +57,7 @@ async def ops_server(pg_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> A
     settings = Settings(database_url=pg_dsn, master_key=Fernet.generate_key().decode(), admin_key=ADMIN_KEY,
                         data_dir=data_dir, port_min=port_min, port_max=port_max,
                         deployment=f"ops-{uuid.uuid4().hex[:10]}")
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ORCH_", "BAP_"))}
     env.update({
         "ORCH_DATABASE_URL": pg_dsn, "ORCH_MASTER_KEY": settings.master_key or "", "ORCH_ADMIN_KEY": ADMIN_KEY,
@@ -95,7 +73,7 @@ async def ops_server(pg_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> A
     server = OpsServer(f"http://127.0.0.1:{port}", settings, log, proc,
                        secrets=[ADMIN_KEY, settings.master_key or ""])
     try:
-        _wait_ready(server.url, proc, log)
+        wait_ready(server.url, proc, log=log)
         yield server
     finally:
         if proc.poll() is None:
