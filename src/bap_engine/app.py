@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -161,6 +162,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             dsn = str(services.extras["dsn"])
             async with run_workers(dsn, services.lifecycle, settings) as leadership:
                 services.extras["leadership"] = leadership
+                gc.collect()
+                gc.freeze()  # start-up objects never die: keep them out of every later collection
                 yield {}
 
     app = FastAPI(title="bap-engine", version="0.1.0", lifespan=lifespan, redirect_slashes=False,
