@@ -398,20 +398,10 @@ class PortPicker:
 
 
 async def wait_healthy(url: str, timeout: float) -> bool:
-    """The orchestrator's boot poll, same probe and cadence (lifecycle/service.py wait_healthy):
-    probe, then sleep 5 ms growing x1.5 up to 100 ms."""
-    from bap_engine.lifecycle.probe import probe_health
+    """The orchestrator's own boot poll (same probe, same cadence), for bare engines."""
+    from bap_engine.lifecycle.probe import wait_healthy as orchestrator_wait_healthy
 
-    deadline = time.monotonic() + timeout
-    delay = 0.005
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return False
-        if await probe_health(url, min(left, 10.0)):
-            return True
-        await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-        delay = min(delay * 1.5, 0.1)
+    return await orchestrator_wait_healthy(url, timeout, 10.0)
 
 
 # ---- statistics and tables ------------------------------------------------------------------

@@ -6,7 +6,6 @@ The engine is a program, never imported (an import-linter contract), so every te
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import os
@@ -14,11 +13,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
+
+from tests.conftest import wait_until
 
 SRC = Path(__file__).resolve().parents[2] / "src"
 ENGINE_ENV_NAMES = (
@@ -44,18 +43,6 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def wait_until(predicate: Callable[[], bool | Awaitable[bool]], timeout: float, interval: float = 0.02) -> None:
-    """Poll ``predicate`` (sync or async) until it is true; fail the test after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if not isinstance(result, bool):
-            result = await result
-        if result:
-            return
-        if time.monotonic() >= deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        await asyncio.sleep(interval)
 
 
 def parse_sse(text: str) -> list[tuple[str, dict[str, object]]]:

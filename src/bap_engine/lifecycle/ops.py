@@ -7,6 +7,7 @@ import time
 
 import orjson
 
+from bap_engine import audit, registry
 from bap_engine.backends.base import BackendError
 from bap_engine.errors import BackendFailed, EngineBusy, EngineNotRunning
 from bap_engine.keys import hash_key, new_engine_key
@@ -156,8 +157,6 @@ class Lifecycle(LifecycleCore):
     async def audit_event(self, row: EngineRow, action: AuditAction, metadata: dict[str, object],
                           **values: object) -> None:
         """Write an audit row (with optional column updates) for a worker decision."""
-        from bap_engine import audit, registry
-
         async with self.pool.acquire() as conn, conn.transaction():
             if values:
                 await registry.update_engine(conn, row.id, **values)

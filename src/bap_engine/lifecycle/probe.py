@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+import time
 from urllib.parse import urlsplit
 
 import h11
 import orjson
 
-__all__ = ["probe_health", "call_engine", "EngineReply"]
+__all__ = ["probe_health", "wait_healthy", "call_engine", "EngineReply"]
 
 _MAX_BODY = 64 * 1024
 
@@ -92,6 +93,21 @@ async def probe_health(url: str, timeout: float) -> bool:
     except orjson.JSONDecodeError:
         return False
     return isinstance(doc, dict) and doc.get("status") == "ok"
+
+
+async def wait_healthy(url: str, timeout: float, probe_timeout: float) -> bool:
+    """Poll /health until ok or `timeout`: every 5 ms at first, growing x1.5 to 100 ms, so a fast
+    engine is seen at once and a slow one costs few probes."""
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        if await probe_health(url, min(left, probe_timeout)):
+            return True
+        await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+        delay = min(delay * 1.5, 0.1)
 
 
 async def call_engine(

@@ -9,6 +9,7 @@ from __future__ import annotations
 from bap_engine import audit, registry
 from bap_engine.backends.base import BackendError, Observed, ObservedState
 from bap_engine.lifecycle.ops import Lifecycle
+from bap_engine.lifecycle.probe import probe_health
 from bap_engine.lifecycle.service import now
 from bap_engine.registry import EngineRow
 from bap_engine.states import AuditAction, EngineState
@@ -73,8 +74,6 @@ async def finish_stuck(lc: Lifecycle, row: EngineRow, seen: Observed | None) -> 
 
 
 async def _healthy(lc: Lifecycle, row: EngineRow) -> bool:
-    from bap_engine.lifecycle.probe import probe_health
-
     return row.url is not None and await probe_health(row.url, lc.settings.health_check_timeout_s)
 
 

@@ -8,7 +8,6 @@ which the reconciler (or the next request) takes over.
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from collections.abc import Mapping
@@ -42,7 +41,7 @@ from bap_engine.errors import (
     QuotaExceeded,
 )
 from bap_engine.keys import KeySealer, hash_key, new_engine_key
-from bap_engine.lifecycle.probe import probe_health
+from bap_engine.lifecycle.probe import wait_healthy
 from bap_engine.lifecycle.views import EngineView, view
 from bap_engine.registry import EngineRow, ProductRow
 from bap_engine.states import AuditAction, EngineState, can_transition
@@ -90,17 +89,7 @@ class LifecycleCore:
                           env=env, labels=labels, cpus=self.settings.engine_cpus, memory=self.settings.engine_memory)
 
     async def wait_healthy(self, url: str, timeout: float) -> bool:
-        """Poll /health with a short, growing interval until ok or timeout."""
-        deadline = time.monotonic() + timeout
-        delay = 0.005
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            if await probe_health(url, min(left, self.settings.health_check_timeout_s)):
-                return True
-            await asyncio.sleep(min(delay, max(0.0, deadline - time.monotonic())))
-            delay = min(delay * 1.5, 0.1)
+        return await wait_healthy(url, timeout, self.settings.health_check_timeout_s)
 
     async def _claim(self, product_id: str, user_id: str, op: str) -> EngineRow:
         """Claim the engine for `op`. Raises EngineNotFound, EngineBusy."""

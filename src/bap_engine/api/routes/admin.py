@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import uuid
+
 from fastapi import APIRouter
 
 from bap_engine.api.deps import AdminDep, FleetDep
 from bap_engine.api.models import ErrorOut, PolicyBody, RegisterBody
 from bap_engine.api.responses import JSON
+from bap_engine.errors import ProductNotFound
 
 __all__ = ["router"]
 
@@ -24,8 +27,6 @@ async def register(body: RegisterBody, _: AdminDep, fleet: FleetDep) -> JSON:
 @router.put("/products/{product_id}/policy", responses=_ERRORS)
 async def set_policy(product_id: str, body: PolicyBody, _: AdminDep, fleet: FleetDep) -> JSON:
     """Replace the whole policy (tightening max_engines destroys nothing)."""
-    from bap_engine.errors import ProductNotFound
-
     if not _is_uuid(product_id):
         raise ProductNotFound()
     product = await fleet.update_policy(product_id, body.policy)
@@ -33,8 +34,6 @@ async def set_policy(product_id: str, body: PolicyBody, _: AdminDep, fleet: Flee
 
 
 def _is_uuid(value: str) -> bool:
-    import uuid
-
     try:
         uuid.UUID(value)
     except ValueError:
