@@ -23,8 +23,8 @@ from bap_engine.api.deps import Services
 from bap_engine.api.errors import envelope, install_error_handlers
 from bap_engine.api.fastpath import AdmitFastPath
 from bap_engine.api.metrics import MeteredDiscovery
-from bap_engine.api.ops import attach_metrics, install_ops
 from bap_engine.api.routes import admin, engines, fleet, health
+from bap_engine.api.wiring import attach_metrics, install_ops
 from bap_engine.backends.base import BackendError, EngineBackend
 from bap_engine.config import Settings, ensure_secrets, load_settings
 from bap_engine.db import migrate

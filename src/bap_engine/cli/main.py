@@ -1,4 +1,4 @@
-"""Command line: `bap-engine serve | migrate | products register`."""
+"""The server-side commands: `bap-engine serve | migrate | products register`."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from bap_engine.cli_ops import register_ops, register_remote
+from bap_engine.cli.remote import register_ops, register_remote
 from bap_engine.client import DEFAULT_URL
 from bap_engine.config import ConfigError, Settings, ensure_secrets, load_settings
 

@@ -9,7 +9,7 @@ from bap_engine.api.deps import Services
 from bap_engine.api.metrics import MeteredDiscovery, OpsMetrics
 from bap_engine.api.openapi import install_openapi
 from bap_engine.api.requestlog import RequestLog
-from bap_engine.api.routes import dashboard, ops
+from bap_engine.api.routes import dashboard, operator
 
 __all__ = ["install_ops", "attach_metrics"]
 
@@ -18,7 +18,7 @@ def install_ops(app: FastAPI) -> None:
     """Call after the other middleware, so the request log is outermost (it sees 413s too)."""
     app.state.metrics = OpsMetrics()
     app.add_middleware(RequestLog)
-    app.include_router(ops.router)
+    app.include_router(operator.router)
     app.include_router(dashboard.router)
     install_openapi(app)
 
