@@ -109,7 +109,7 @@ def services_of(app: FastAPI) -> Services:
 
 
 def pool_of(app: FastAPI) -> asyncpg.Pool:
-    pool = app.state.services.extras["pool"]
+    pool = app.state.services.lifecycle.pool
     assert isinstance(pool, asyncpg.Pool)
     return pool
 

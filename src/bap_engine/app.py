@@ -11,7 +11,7 @@ import contextlib
 import gc
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import asyncpg
@@ -35,9 +35,11 @@ from bap_engine.keys import KeySealer
 from bap_engine.lifecycle import Lifecycle
 from bap_engine.lifecycle.owner import OwnerLock
 from bap_engine.policy import RateLimiter
+from bap_engine.supervisor import Supervisor
 from bap_engine.workers.leader import run_workers
 
-__all__ = ["create_app", "build_backend", "engine_env", "database", "register_product"]
+__all__ = ["create_app", "build_services", "build_backend", "BackendFactory", "engine_env", "database",
+           "register_product"]
 
 log = logging.getLogger("bap_engine")
 MAX_BODY = 64 * 1024
@@ -74,12 +76,10 @@ def engine_env(settings: Settings) -> dict[str, str]:
 
 
 async def _check_backend(backend: EngineBackend) -> None:
-    ping = getattr(backend, "ping", None)
-    if ping is not None:
-        try:
-            await ping()
-        except BackendError as err:
-            raise RuntimeError(f"engine backend {backend.name} unreachable: {err.message}") from None
+    try:
+        await backend.ping()
+    except BackendError as err:
+        raise RuntimeError(f"engine backend {backend.name} unreachable: {err.message}") from None
 
 
 @contextlib.asynccontextmanager
@@ -91,10 +91,17 @@ async def database(settings: Settings) -> AsyncIterator[str]:
             yield dsn
 
 
+BackendFactory = Callable[[Settings], EngineBackend]
+
+
 @contextlib.asynccontextmanager
-async def build_services(settings: Settings) -> AsyncIterator[Services]:
-    """Everything the API and the workers need, torn down in reverse order."""
+async def build_services(settings: Settings, backend_factory: BackendFactory | None = None) -> AsyncIterator[Services]:
+    """Everything the API and the workers need, torn down in reverse order.
+
+    `backend_factory` is the seam for tests and benches that run another backend."""
     async with contextlib.AsyncExitStack() as stack:
+        supervisor = Supervisor()
+        stack.push_async_callback(supervisor.aclose)  # runs after everything below is closed
         dsn = await stack.enter_async_context(database(settings))
         await migrate.upgrade(dsn)
         head = migrate.head_revision()
@@ -103,7 +110,8 @@ async def build_services(settings: Settings) -> AsyncIterator[Services]:
         owner = OwnerLock(dsn)
         owner_id = await owner.acquire()
         stack.push_async_callback(owner.release)
-        backend = build_backend(settings)
+        supervisor.start("owner-lock", owner.keep)
+        backend = (backend_factory or build_backend)(settings)
         stack.push_async_callback(backend.close)
         await _check_backend(backend)
         assert settings.master_key and settings.admin_key
@@ -119,14 +127,13 @@ async def build_services(settings: Settings) -> AsyncIterator[Services]:
             except Exception:  # whatever the database does, /health answers 503, never 500
                 return False
 
-        services = Services(lifecycle, discovery, Fleet(pool, settings.admin_key), ready,
-                            extras={"dsn": dsn, "settings": settings, "pool": pool})
+        services = Services(lifecycle, discovery, Fleet(pool, settings.admin_key), ready, supervisor, dsn)
         stop = asyncio.Event()
-        flusher = asyncio.create_task(discovery.run_flusher(settings.activity_flush_s, stop), name="flusher")
+        supervisor.start("activity-flusher", lambda: discovery.run_flusher(settings.activity_flush_s, stop))
 
         async def _stop_flusher() -> None:
             stop.set()
-            await flusher
+            await supervisor.stop("activity-flusher")
 
         stack.push_async_callback(_stop_flusher)
         yield services
@@ -151,17 +158,16 @@ async def _db_down(request: Request, exc: Exception) -> Response:
     return envelope(503, "SERVICE_UNAVAILABLE", "database unavailable")
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, backend_factory: BackendFactory | None = None) -> FastAPI:
     settings = ensure_secrets(settings or load_settings())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
-        async with build_services(settings) as services:
+        async with build_services(settings, backend_factory) as services:
             app.state.services = services
             attach_metrics(app, services)
-            dsn = str(services.extras["dsn"])
-            async with run_workers(dsn, services.lifecycle, settings) as leadership:
-                services.extras["leadership"] = leadership
+            async with run_workers(services.dsn, services.lifecycle, settings, services.supervisor) as leadership:
+                services.leadership = leadership
                 gc.collect()
                 gc.freeze()  # start-up objects never die: keep them out of every later collection
                 yield {}

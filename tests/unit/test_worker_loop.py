@@ -1,4 +1,4 @@
-"""The worker loop: N runs at interval 0, errors do not stop it, stop is immediate."""
+"""The worker loop: N runs at interval 0, errors go to the supervisor, stop is immediate."""
 
 from __future__ import annotations
 
@@ -23,10 +23,20 @@ class Counter:
         return 1
 
 
-async def test_runs_n_times_and_survives_errors() -> None:
+async def test_runs_n_times_and_reports_each_good_pass() -> None:
+    worker = Counter(0)
+    passes: list[int] = []
+    await run_loop(worker, asyncio.Event(), loops=5, on_pass=lambda: passes.append(worker.runs))
+    assert worker.runs == 5 and passes == [1, 2, 3, 4, 5]
+
+
+async def test_a_failing_pass_escapes_to_the_supervisor() -> None:
     worker = Counter(0, fail_every=2)
-    await run_loop(worker, asyncio.Event(), loops=5)
-    assert worker.runs == 5
+    try:
+        await run_loop(worker, asyncio.Event(), loops=5)
+    except RuntimeError:
+        pass
+    assert worker.runs == 2
 
 
 async def test_stop_is_immediate() -> None:

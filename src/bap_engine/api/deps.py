@@ -6,9 +6,9 @@ admit hot path cost more than the database round trip."""
 from __future__ import annotations
 
 import re
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Annotated
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Annotated, Protocol
 
 from fastapi import Depends, Header, Path, Request
 
@@ -17,20 +17,35 @@ from bap_engine.discovery import Discovery
 from bap_engine.errors import ValidationFailed
 from bap_engine.fleet import Fleet, ProductRow
 from bap_engine.lifecycle import Lifecycle
+from bap_engine.supervisor import Supervisor
 
 __all__ = [
-    "Services", "LifecycleDep", "DiscoveryDep", "FleetDep", "ProductDep", "AdminDep", "UserIdDep",
+    "Services", "LeaderView", "LifecycleDep", "DiscoveryDep", "FleetDep", "ProductDep", "AdminDep", "UserIdDep",
     "ServicesDep", "check_user_id",
 ]
 
 
+class LeaderView(Protocol):
+    """What the API reads of the leader election (metrics, dashboard)."""
+
+    @property
+    def is_leader(self) -> bool: ...
+
+    @property
+    def workers(self) -> Mapping[str, object]: ...
+
+
 @dataclass
 class Services:
+    """What the composition root builds for one process (see app.build_services)."""
+
     lifecycle: Lifecycle
     discovery: Discovery
     fleet: Fleet
-    ready: Callable[[], Awaitable[bool]]
-    extras: dict[str, object] = field(default_factory=dict)
+    ready: Callable[[], Awaitable[bool]]  # Postgres answers and migrations are current
+    supervisor: Supervisor
+    dsn: str
+    leadership: LeaderView | None = None  # set once this process takes part in the election
 
 
 async def get_services(request: Request) -> Services:

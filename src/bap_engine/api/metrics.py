@@ -28,6 +28,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 
 from bap_engine.discovery import Admission, Discovery
 from bap_engine.fleet import AuditTotals, Fleet
+from bap_engine.supervisor import Supervisor
 
 __all__ = ["OpsMetrics", "MeteredDiscovery", "replica_id", "BOOT_BOUNDS_MS", "CONTENT_TYPE"]
 
@@ -72,6 +73,7 @@ class _Snapshot:
     products: _Products
     totals: AuditTotals
     leadership: object | None
+    supervisor: Supervisor | None
 
 
 class OpsMetrics:
@@ -93,12 +95,12 @@ class OpsMetrics:
             self.admits[product_id] += 1
         self._latency[outcome].observe(seconds)
 
-    async def render(self, fleet: Fleet, leadership: object | None) -> bytes:
+    async def render(self, fleet: Fleet, leadership: object | None, supervisor: Supervisor | None = None) -> bytes:
         """The Prometheus text: database reads first, then one synchronous render."""
         products: _Products = list(await fleet.products())
         totals = await fleet.audit_totals(BOOT_BOUNDS_MS)
         # No await between setting the snapshot and rendering: concurrent scrapes cannot mix.
-        self._snapshot = _Snapshot(products, totals, leadership)
+        self._snapshot = _Snapshot(products, totals, leadership, supervisor)
         try:
             return generate_latest(self.registry)
         finally:
@@ -118,6 +120,8 @@ class OpsMetrics:
             admits.add_metric([slugs.get(product_id, product_id), self.replica], n)
         out.append(admits)
         out.extend(_workers(snap.leadership, self.replica))
+        if snap.supervisor is not None:
+            out.append(_task_restarts(snap.supervisor, self.replica))
         return out
 
 
@@ -201,3 +205,12 @@ class MeteredDiscovery(Discovery):
             self.metrics.observe_admit(product_id, "admitted" if result.admitted else "denied",
                                        time.perf_counter() - started)
         return result
+
+
+def _task_restarts(supervisor: Supervisor, replica: str) -> Metric:
+    restarts = CounterMetricFamily("bap_task_restarts", "Failures of a supervised task in this replica "
+                                   "(each is logged with its traceback and followed by a restart)",
+                                   labels=["task", "replica"])
+    for name, status in sorted(supervisor.status().items()):
+        restarts.add_metric([name, replica], status.restarts)
+    return restarts

@@ -143,6 +143,10 @@ class EngineBackend(Protocol):
         """Every engine of this deployment the runtime holds (one list call)."""
         ...
 
+    async def ping(self) -> None:
+        """Check the runtime is reachable (daemon, cluster, data directory). Raises BackendError."""
+        ...
+
     def url_for(self, engine_id: str, port: int) -> str:
         """Base URL of an engine, without any I/O."""
         ...

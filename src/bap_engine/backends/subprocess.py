@@ -367,6 +367,16 @@ class SubprocessBackend:
                     found.append((entry.name, record))
         return found
 
+    async def ping(self) -> None:
+        """The engine program exists; the data directory exists or can be made."""
+        program = self._config.command[0]
+        if shutil.which(program) is None:
+            raise base.BackendError(f"engine command not found: {program}")
+        try:
+            (self._config.data_dir / "engines").mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise base.BackendError(f"data directory unusable: {err.strerror}") from None
+
     def url_for(self, engine_id: str, port: int) -> str:
         """Base URL of an engine, without I/O."""
         host = self._config.host

@@ -1,7 +1,9 @@
 """The worker loop, written once: run `run_once()` every interval until stopped.
 
-Each run is scheduled from the previous start; an overrun is logged; an Exception is
-logged and the loop goes on; CancelledError propagates; stop is immediate.
+Each run is scheduled from the previous start; an overrun is logged; stop is immediate.
+A failing pass is not caught here: it propagates to the supervisor, which logs it with its
+traceback, counts it and runs the loop again after a backoff (see bap_engine.supervisor).
+`on_pass` is called after every good pass, so the supervisor forgives earlier failures.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Protocol
 
 __all__ = ["Worker", "run_loop"]
@@ -25,19 +28,16 @@ class Worker(Protocol):
         ...
 
 
-async def run_loop(worker: Worker, stop: asyncio.Event, *, loops: int | None = None) -> None:
+async def run_loop(worker: Worker, stop: asyncio.Event, *, loops: int | None = None,
+                   on_pass: Callable[[], None] | None = None) -> None:
     runs = 0
     while not stop.is_set():
         started = time.monotonic()
-        try:
-            acted = await worker.run_once()
-            if acted:
-                log.info("worker pass", extra={"worker": worker.name, "acted": acted})
-        except asyncio.CancelledError:
-            raise
-        except Exception as err:  # a worker never dies of one bad pass
-            log.error("worker pass failed", extra={"worker": worker.name, "error": type(err).__name__,
-                                                    "detail": str(err)[:200]})
+        acted = await worker.run_once()
+        if acted:
+            log.info("worker pass", extra={"worker": worker.name, "acted": acted})
+        if on_pass is not None:
+            on_pass()
         runs += 1
         if loops is not None and runs >= loops:
             return

@@ -23,6 +23,7 @@ from bap_engine.lifecycle import Lifecycle, Observed, ObservedState, now, probe_
 from bap_engine.lifecycle.repair import observe_all
 from bap_engine.registry import EngineRow
 from bap_engine.states import AuditAction, EngineState
+from bap_engine.supervisor import Supervisor
 
 __all__ = ["HealthWorker", "backoff_s"]
 
@@ -38,8 +39,10 @@ def backoff_s(attempt: int, base: float, cap: float, jitter: float = 0.1) -> flo
 class HealthWorker:
     name = "health"
 
-    def __init__(self, lifecycle: Lifecycle, settings: Settings, clock: Callable[[], datetime] = now) -> None:
+    def __init__(self, lifecycle: Lifecycle, settings: Settings, clock: Callable[[], datetime] = now, *,
+                 supervisor: Supervisor | None = None) -> None:
         self.lc = lifecycle
+        self._sup = supervisor or Supervisor()
         self.s = settings
         self.interval_s = settings.health_check_interval_s
         self._clock = clock
@@ -110,7 +113,7 @@ class HealthWorker:
                 continue
             if in_flight + started >= cap:
                 break
-            self._restarts[row.id] = asyncio.create_task(self._restart(row), name=f"restart-{row.id}")
+            self._restarts[row.id] = self._sup.spawn(f"restart-{row.id}", self._restart(row), family="restart")
             started += 1
         return started
 
@@ -125,10 +128,8 @@ class HealthWorker:
         try:
             await self.lc.audit_event(row, AuditAction.AUTO_RESTART_START, {"attempt": attempt})
             await self.lc.restart(row, attempt)  # None: no longer failed, or another replica holds it
-        except BapError as err:
+        except BapError as err:  # anything else escapes to the supervisor (logged, counted)
             await self._restart_failed(row, attempt, err.code)
-        except Exception as err:  # a restart task never dies silently
-            log.error("restart attempt crashed", extra={"engine_id": row.id, "error": type(err).__name__})
 
     async def _restart_failed(self, row: EngineRow, attempt: int, error: str) -> None:
         attempts = attempt + 1

@@ -1,9 +1,11 @@
 """Leader election: the workers run in exactly one replica at a time.
 
-The leader holds a Postgres session advisory lock on its own connection. While it
-holds it, it runs the worker loops in a TaskGroup and pings that connection; if the
-connection drops the loops are cancelled. A dead leader's lock vanishes with its
-session, and another replica takes over on its next try (every `retry_s`).
+The leader holds a Postgres session advisory lock on its own connection and pings it every
+`retry_s`. While it holds the lock, each worker loop runs as its own supervised task; when the
+ping fails (Postgres restarted, the session was terminated, the network dropped) the term ends:
+the loops are stopped, the connection is dropped, and the lock is contested again on the next
+try. Losing the database is a normal event here, logged once per term, never fatal. Anything
+else escapes to the supervisor, which logs its traceback and runs the election again.
 """
 
 from __future__ import annotations
@@ -18,15 +20,18 @@ import asyncpg
 
 from bap_engine.config import Settings
 from bap_engine.lifecycle import Lifecycle
+from bap_engine.supervisor import Supervisor
 from bap_engine.workers.base import Worker, run_loop
 from bap_engine.workers.health import HealthWorker
 from bap_engine.workers.idle import IdleWorker
 from bap_engine.workers.reconcile import ReconcileWorker
 
-__all__ = ["run_workers", "Leadership", "LEADER_LOCK"]
+__all__ = ["run_workers", "Leadership", "LEADER_LOCK", "DB_LOST"]
 
 log = logging.getLogger("bap_engine.leader")
 LEADER_LOCK = 7_415_005  # advisory lock class; the key is the deployment's hash
+# What losing the database looks like from asyncpg (TimeoutError: a ping that got no answer).
+DB_LOST = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 @dataclass
@@ -38,69 +43,80 @@ class Leadership:
     terms: int = 0
 
 
-def build_workers(lifecycle: Lifecycle, settings: Settings) -> list[Worker]:
-    return [ReconcileWorker(lifecycle, settings), HealthWorker(lifecycle, settings), IdleWorker(lifecycle, settings)]
+def build_workers(lifecycle: Lifecycle, settings: Settings, supervisor: Supervisor) -> list[Worker]:
+    return [ReconcileWorker(lifecycle, settings), HealthWorker(lifecycle, settings, supervisor=supervisor),
+            IdleWorker(lifecycle, settings)]
 
 
-async def _lead(dsn: str, lifecycle: Lifecycle, settings: Settings, state: Leadership, stop: asyncio.Event) -> None:
-    retry_s = max(0.2, min(2.0, settings.health_check_interval_s, settings.reconcile_interval_s))
-    while not stop.is_set():
-        try:
-            conn = await asyncpg.connect(dsn)
-        except (OSError, asyncpg.PostgresError):
-            await _wait(stop, retry_s)
-            continue
-        try:
-            # one leader per deployment
-            if await conn.fetchval("SELECT pg_try_advisory_lock($1, hashtext($2))", LEADER_LOCK, settings.deployment):
-                await _serve_term(conn, lifecycle, settings, state, stop, retry_s)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as err:
-            log.warning("leadership lost", extra={"error": type(err).__name__})
-        finally:
-            state.is_leader = False
-            await conn.close()
-        await _wait(stop, retry_s)
+class Election:
+    def __init__(self, dsn: str, lifecycle: Lifecycle, settings: Settings, supervisor: Supervisor) -> None:
+        self.dsn, self.lc, self.s, self.sup = dsn, lifecycle, settings, supervisor
+        self.state = Leadership()
+        self.retry_s = max(0.2, min(2.0, settings.health_check_interval_s, settings.reconcile_interval_s))
+        self._term_over = asyncio.Event()
 
+    async def run(self) -> None:
+        """Contest the lock forever (until cancelled)."""
+        while True:
+            try:
+                conn = await asyncio.wait_for(asyncpg.connect(self.dsn), self.retry_s * 5)
+            except DB_LOST:
+                await asyncio.sleep(self.retry_s)
+                continue
+            try:
+                await self._term(conn)
+            except DB_LOST as err:
+                if self.state.is_leader:
+                    log.warning("leadership lost with the database connection", extra={"error": repr(err)})
+            finally:
+                await self._end_term()
+                conn.terminate()
+            await asyncio.sleep(self.retry_s)
 
-async def _serve_term(conn: asyncpg.Connection, lifecycle: Lifecycle, settings: Settings, state: Leadership,
-                      stop: asyncio.Event, retry_s: float) -> None:
-    state.is_leader, state.terms = True, state.terms + 1
-    workers = build_workers(lifecycle, settings)
-    state.workers = {w.name: w for w in workers}
-    log.info("elected leader: running workers", extra={"workers": [w.name for w in workers]})
-    term_over = asyncio.Event()
-    async with asyncio.TaskGroup() as tg:
+    async def _term(self, conn: asyncpg.Connection) -> None:
+        key = (LEADER_LOCK, self.s.deployment)  # one leader per deployment
+        if not await conn.fetchval("SELECT pg_try_advisory_lock($1, hashtext($2))", *key):
+            return
+        state = self.state
+        state.is_leader, state.terms = True, state.terms + 1
+        workers = build_workers(self.lc, self.s, self.sup)
+        state.workers = {w.name: w for w in workers}
+        self._term_over = asyncio.Event()
         for w in workers:
-            tg.create_task(run_loop(w, term_over), name=f"worker-{w.name}")
-        try:
-            while not stop.is_set():
-                await _wait(stop, retry_s)
-                await conn.fetchval("SELECT 1")  # the lock lives as long as this session
-        finally:
-            term_over.set()
+            self._start_loop(w)
+        log.info("elected leader: running workers", extra={"workers": [w.name for w in workers]})
+        while True:
+            await asyncio.sleep(self.retry_s)
+            # the lock lives as long as this session; a ping with no answer counts as lost
+            await asyncio.wait_for(conn.fetchval("SELECT 1"), self.retry_s * 2)
 
+    def _start_loop(self, worker: Worker) -> None:
+        name = f"worker-{worker.name}"
+        self.sup.start(name, lambda: run_loop(worker, self._term_over, on_pass=lambda: self.sup.ok(name)))
 
-async def _wait(stop: asyncio.Event, seconds: float) -> None:
-    try:
-        await asyncio.wait_for(stop.wait(), seconds)
-    except TimeoutError:
-        pass
+    async def _end_term(self) -> None:
+        if not self.state.is_leader:
+            return
+        self._term_over.set()
+        for name in list(self.state.workers):
+            await self.sup.stop(f"worker-{name}")
+        health = self.state.workers.get("health")
+        if isinstance(health, HealthWorker):
+            await health.wait_restarts()
+        self.state.is_leader = False
+        self.state.workers = {}
 
 
 @contextlib.asynccontextmanager
-async def run_workers(dsn: str, lifecycle: Lifecycle, settings: Settings) -> AsyncIterator[Leadership]:
-    """Take part in the election for the lifetime of the context."""
-    state = Leadership()
+async def run_workers(dsn: str, lifecycle: Lifecycle, settings: Settings,
+                      supervisor: Supervisor) -> AsyncIterator[Leadership]:
+    """Take part in the election for the lifetime of the context (under `supervisor`)."""
     if not settings.workers_enabled:
-        yield state
+        yield Leadership()
         return
-    stop = asyncio.Event()
-    task = asyncio.create_task(_lead(dsn, lifecycle, settings, state, stop), name="leader-election")
+    election = Election(dsn, lifecycle, settings, supervisor)
+    supervisor.start("leader-election", election.run)
     try:
-        yield state
+        yield election.state
     finally:
-        stop.set()
-        try:
-            await asyncio.wait_for(task, 15)
-        except TimeoutError:
-            task.cancel()
+        await supervisor.stop("leader-election", grace_s=0)  # cancelled: its term ends in `finally`

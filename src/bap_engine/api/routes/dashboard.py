@@ -52,7 +52,7 @@ async def prometheus(request: Request, services: ServicesDep, fleet: FleetDep,
     metrics = getattr(request.app.state, "metrics", None)
     if not isinstance(metrics, OpsMetrics):
         raise ServiceUnavailable("metrics are not enabled in this app")
-    body = await metrics.render(fleet, services.extras.get("leadership"))
+    body = await metrics.render(fleet, services.leadership, services.supervisor)
     return Response(body, media_type=CONTENT_TYPE, headers={"Cache-Control": "no-store"})
 
 
