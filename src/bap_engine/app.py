@@ -158,6 +158,12 @@ async def _db_down(request: Request, exc: Exception) -> Response:
     return envelope(503, "SERVICE_UNAVAILABLE", "database unavailable")
 
 
+async def _timed_out(request: Request, exc: Exception) -> Response:
+    # TimeoutError is an OSError, but nothing says the database is down: say what happened
+    log.error("request timed out", exc_info=exc, extra={"path": request.url.path})
+    return envelope(503, "SERVICE_UNAVAILABLE", "the request timed out; retry")
+
+
 def create_app(settings: Settings | None = None, *, backend_factory: BackendFactory | None = None) -> FastAPI:
     settings = ensure_secrets(settings or load_settings())
 
@@ -182,6 +188,7 @@ def create_app(settings: Settings | None = None, *, backend_factory: BackendFact
                 asyncpg.InternalClientError,
                 OSError):
         app.add_exception_handler(exc, _db_down)
+    app.add_exception_handler(TimeoutError, _timed_out)  # more specific than OSError: found first
     app.add_middleware(AdmitFastPath)  # inside the body limit and the request log
     app.add_middleware(BodyLimit, max_body=MAX_BODY)
     for module in (health, engines, fleet, admin):

@@ -166,10 +166,15 @@ class RateLimited(BapError):
 
 
 class BackendFailed(BapError):
-    """Docker, Kubernetes, the process backend or the engine itself failed."""
+    """Docker, Kubernetes, the process backend or the engine itself failed. `transient` False
+    (a missing image, a bad command) means retrying the same call cannot succeed."""
 
     code = "BACKEND_ERROR"
     default_message = "engine backend failed"
+
+    def __init__(self, message: str | None = None, *, transient: bool = True) -> None:
+        super().__init__(message)
+        self.transient = transient
 
 
 class PortExhaustion(BapError):

@@ -6,12 +6,11 @@ The master key is passed in; this module never reads configuration.
 from __future__ import annotations
 
 import hashlib
-import hmac
 import secrets
 
 from cryptography.fernet import Fernet, InvalidToken
 
-__all__ = ["new_platform_key", "new_engine_key", "hash_key", "same_hash", "KeySealer"]
+__all__ = ["new_platform_key", "new_engine_key", "hash_key", "KeySealer"]
 
 
 def new_platform_key() -> str:
@@ -25,10 +24,6 @@ def new_engine_key() -> str:
 def hash_key(key: str) -> str:
     """SHA-256 hex of a key, as stored and as engines compare."""
     return hashlib.sha256(key.encode()).hexdigest()
-
-
-def same_hash(a: str, b: str) -> bool:
-    return hmac.compare_digest(a, b)
 
 
 class KeySealer:

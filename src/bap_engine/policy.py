@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import asyncpg
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from bap_engine.errors import QuotaExceeded, RateLimited, ValidationFailed
+from bap_engine.errors import RateLimited, ValidationFailed
 
-__all__ = ["Policy", "parse_policy", "check_quota", "RateLimiter"]
+__all__ = ["Policy", "parse_policy", "RateLimiter"]
 
 LEASE_S = 2.0  # a lease's tokens are spent within this many seconds or handed back
 _INT4_MAX = 2**31 - 1
@@ -35,7 +35,8 @@ class Policy(BaseModel):
     rate_limit_rpm: int | None = Field(default=None, ge=1, le=_INT4_MAX)
     engine_version: str | None = Field(default=None, min_length=1, max_length=200,
                                        pattern=r"^[^\x00-\x1f\x7f]+$")  # NUL cannot be stored
-    warm_pool: int | None = Field(default=None, ge=0, le=100)
+    # documented as at most 0 (the API's OpenAPI document uses this schema) while the validator below refuses more
+    warm_pool: int | None = Field(default=None, ge=0, le=100, json_schema_extra={"maximum": 0})
 
     @field_validator("warm_pool")
     @classmethod
@@ -56,12 +57,6 @@ def parse_policy(raw: object) -> Policy:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise ValidationFailed(f"policy.{where}: {first['msg']}") from None
-
-
-def check_quota(policy: Policy, existing: int) -> None:
-    """Raises QuotaExceeded when one more engine would break max_engines."""
-    if policy.max_engines is not None and existing >= policy.max_engines:
-        raise QuotaExceeded(f"product already has {existing} engines (max_engines={policy.max_engines})")
 
 
 @dataclass(slots=True)

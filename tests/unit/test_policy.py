@@ -1,18 +1,16 @@
-"""Policy documents and the quota arithmetic."""
+"""Policy documents (the quota itself is enforced under the product lock by lifecycle: tests/api)."""
 
 from __future__ import annotations
 
 import pytest
 
-from bap_engine.errors import QuotaExceeded, ValidationFailed
-from bap_engine.policy import Policy, check_quota, parse_policy
+from bap_engine.errors import ValidationFailed
+from bap_engine.policy import Policy, parse_policy
 
 
 def test_empty_policy_means_no_limits() -> None:
     p = parse_policy({})
     assert (p.max_engines, p.rate_limit_rpm, p.engine_version, p.warm_pool) == (None, None, None, None)
-    for existing in (0, 1, 10**6):
-        check_quota(p, existing)
 
 
 def test_full_policy() -> None:
@@ -48,19 +46,6 @@ def test_policy_must_be_an_object(raw: object) -> None:
 
 def test_null_values_mean_unset() -> None:
     assert parse_policy({"max_engines": None}) == Policy()
-
-
-@pytest.mark.parametrize(("max_engines", "existing", "allowed"),
-                         [(0, 0, False), (1, 0, True), (1, 1, False), (3, 2, True), (3, 3, False), (3, 7, False),
-                          (2**31 - 1, 10**6, True)])
-def test_quota_counts_existing_engines(max_engines: int, existing: int, allowed: bool) -> None:
-    policy = parse_policy({"max_engines": max_engines})
-    if allowed:
-        check_quota(policy, existing)
-    else:
-        with pytest.raises(QuotaExceeded) as info:
-            check_quota(policy, existing)
-        assert str(max_engines) in info.value.message and info.value.code == "QUOTA_EXCEEDED"
 
 
 def test_warm_pool_is_refused_until_implemented() -> None:

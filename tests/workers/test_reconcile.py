@@ -92,9 +92,9 @@ async def test_rotation_interrupted_by_a_crash_is_completed(make_app: AppFactory
                                engine["engine_id"], lc.sealer.seal(new_key), dead_owner)
         finally:
             await conn.close()
-        row = await lc.claim_row(await _row(lc, engine["engine_id"]), "test")
-        assert row is not None
-        assert await lc._push_key(row, auth=engine["api_key"], new_key=new_key) == 200
+        claim = await lc.tx.claim(engine["engine_id"], "test")
+        assert claim is not None
+        assert await lc._push_key(claim.row, engine["api_key"], new_key) == 200
         await _abandon(pg_dsn, engine["engine_id"], dead_owner)
         assert await ReconcileWorker(lc, app.state.settings).run_once() == 1
         r = await client.get("/engines/rot", headers=pk(key))

@@ -93,6 +93,33 @@ def _live(record: _Record) -> tuple[int, str] | None:
     return pid, stat[0]
 
 
+_SPAWN_GRACE_S = 5.0
+
+
+def _adopt_spawned(directory: Path, record: _Record | None) -> _Record | None:
+    """A record left `spawning` (the orchestrator died between the spawn and writing the pid):
+    find the engine by the BAP_ENGINE_ID in its environment and record its pid, so no engine
+    ever runs unseen. Only such records cost a /proc scan, once."""
+    if record is None or not record.get("spawning") or record.get("pid") is not None:
+        return record
+    since = datetime.fromisoformat(str(record["spawning"]))
+    if (datetime.now(UTC) - since).total_seconds() < _SPAWN_GRACE_S:
+        return record  # a spawn in flight in this process: it writes the pid itself
+    needle = f"BAP_ENGINE_ID={record.get('engine_id')}".encode()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if needle in Path(entry.path, "environ").read_bytes().split(b"\0"):
+                stat = _proc_stat(int(entry.name))
+                record.update(pid=int(entry.name), starttime=stat[1] if stat else None)
+                break
+    record.pop("spawning", None)
+    with contextlib.suppress(OSError):
+        _write_record(directory / RECORD_NAME, record)
+    return record
+
+
 def _signal_group(pid: int, sig: signal.Signals) -> None:
     """Signal the engine's process group (its session), falling back to the pid alone."""
     try:
@@ -163,7 +190,7 @@ class SubprocessBackend:
         return self._config.data_dir / "engines" / engine_id
 
     def _record(self, engine_id: str) -> _Record | None:
-        return _read_record(self._dir(engine_id) / RECORD_NAME)
+        return _adopt_spawned(self._dir(engine_id), _read_record(self._dir(engine_id) / RECORD_NAME))
 
     def _reap(self, engine_id: str) -> None:
         """poll() our own child so an exited engine does not linger as a zombie."""
@@ -201,6 +228,8 @@ class SubprocessBackend:
             raise base.ImageNotFound(command[0])
         if not _port_free(self._config.host, port):
             raise base.PortInUse(port)
+        record.update(pid=None, starttime=None, spawning=_now())
+        _write_record(directory / RECORD_NAME, record)  # a crash before the pid is recorded is adopted later
         log_fd = os.open(directory / LOG_NAME, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             child = subprocess.Popen(
@@ -219,6 +248,7 @@ class SubprocessBackend:
         self._children[engine_id] = child
         stat = _proc_stat(child.pid)
         record.update(pid=child.pid, starttime=stat[1] if stat else None, started_at=_now())
+        record.pop("spawning", None)
         try:
             _write_record(directory / RECORD_NAME, record)
         except BaseException:
@@ -362,16 +392,13 @@ class SubprocessBackend:
             return found
         for entry in entries:
             with contextlib.suppress(ValueError):  # a corrupt record is not ours to judge here
-                record = _read_record(Path(entry.path) / RECORD_NAME)
+                record = _adopt_spawned(Path(entry.path), _read_record(Path(entry.path) / RECORD_NAME))
                 if record is not None and record.get("deployment") == self._config.deployment:
                     found.append((entry.name, record))
         return found
 
     async def ping(self) -> None:
-        """The engine program exists; the data directory exists or can be made."""
-        program = self._config.command[0]
-        if shutil.which(program) is None:
-            raise base.BackendError(f"engine command not found: {program}")
+        """The data directory exists or can be made (a bad engine command fails its provision)."""
         try:
             (self._config.data_dir / "engines").mkdir(parents=True, exist_ok=True)
         except OSError as err:

@@ -3,9 +3,9 @@
 Workers reach backend types through here (re-exported below)."""
 
 from bap_engine.backends.base import BackendError, Observed, ObservedState
-from bap_engine.lifecycle.ops import Lifecycle
+from bap_engine.lifecycle.clock import now
+from bap_engine.lifecycle.lifecycle import Lifecycle
 from bap_engine.lifecycle.probe import probe_health
-from bap_engine.lifecycle.service import now
 from bap_engine.lifecycle.views import EngineView, view
 
 __all__ = ["Lifecycle", "EngineView", "view", "probe_health", "now", "Observed", "ObservedState", "BackendError"]

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import h11
 import orjson
 
-__all__ = ["probe_health", "wait_healthy", "call_engine", "EngineReply"]
+__all__ = ["probe_health", "wait_healthy", "call_engine", "push_key", "EngineReply"]
 
 _MAX_BODY = 64 * 1024
 
@@ -116,3 +116,14 @@ async def call_engine(
     """An authenticated JSON call to the engine. Raises OSError/TimeoutError on transport failure."""
     headers = [("X-Engine-Key", key), ("Content-Type", "application/json")]
     return await asyncio.wait_for(_exchange(url, method, path, headers, orjson.dumps(payload)), timeout)
+
+
+async def push_key(url: str, auth: str, new_key_hash: str, overlap_s: int, timeout: float) -> int:
+    """POST /_bap/rotate-key with the current key `auth`; the HTTP status, or 0 when the engine
+    did not answer."""
+    try:
+        reply = await call_engine(url, "POST", "/_bap/rotate-key", key=auth, timeout=timeout,
+                                  payload={"key_hash": new_key_hash, "overlap_seconds": overlap_s})
+    except (OSError, TimeoutError, h11.ProtocolError):
+        return 0
+    return reply.status

@@ -16,13 +16,13 @@ from datetime import datetime, timedelta
 
 import asyncpg
 
-from bap_engine import audit, registry
+from bap_engine import registry
 from bap_engine.config import Settings
 from bap_engine.errors import BapError
 from bap_engine.lifecycle import Lifecycle, Observed, ObservedState, now, probe_health
 from bap_engine.lifecycle.repair import observe_all
 from bap_engine.registry import EngineRow
-from bap_engine.states import AuditAction, EngineState
+from bap_engine.states import EngineState
 from bap_engine.supervisor import Supervisor
 
 __all__ = ["HealthWorker", "backoff_s"]
@@ -77,12 +77,7 @@ class HealthWorker:
         return list(await asyncio.gather(*(probe(r) for r in rows)))
 
     async def _record(self, ok: list[EngineRow], bad: list[EngineRow]) -> int:
-        sampled = self._sample(ok)
-        async with self.lc.pool.acquire() as conn, conn.transaction():
-            await registry.record_health_ok(conn, [r.id for r in ok])
-            counts = await registry.bump_health_failures(conn, [r.id for r in bad])
-            await audit.write_many(conn, [(r.product_id, r.user_id, r.id, AuditAction.HEALTH_CHECK, "system",
-                                           {"ok": True}, None) for r in sampled])
+        counts = await self.lc.record_probes(ok, bad, self._sample(ok))
         acted = 0
         first_delay = timedelta(seconds=backoff_s(0, self.s.restart_backoff_base_s, self.s.restart_backoff_max_s))
         for row in bad:
@@ -125,20 +120,9 @@ class HealthWorker:
 
     async def _restart(self, row: EngineRow) -> None:
         attempt = row.restart_attempts
+        last = attempt + 1 >= self.s.restart_max_attempts
+        retry_in = None if last else backoff_s(attempt + 1, self.s.restart_backoff_base_s, self.s.restart_backoff_max_s)
         try:
-            await self.lc.audit_event(row, AuditAction.AUTO_RESTART_START, {"attempt": attempt})
-            await self.lc.restart(row, attempt)  # None: no longer failed, or another replica holds it
-        except BapError as err:  # anything else escapes to the supervisor (logged, counted)
-            await self._restart_failed(row, attempt, err.code)
-
-    async def _restart_failed(self, row: EngineRow, attempt: int, error: str) -> None:
-        attempts = attempt + 1
-        if attempts >= self.s.restart_max_attempts:
-            await self.lc.audit_event(row, AuditAction.AUTO_RESTART_FAILED, {"attempt": attempt, "error": error},
-                                      restart_attempts=attempts, next_restart_at=None)
-            await self.lc.audit_event(row, AuditAction.AUTO_RESTART_GAVE_UP, {"attempts": attempts})
-            return
-        delay = backoff_s(attempts, self.s.restart_backoff_base_s, self.s.restart_backoff_max_s)
-        await self.lc.audit_event(row, AuditAction.AUTO_RESTART_FAILED,
-                                  {"attempt": attempt, "error": error, "next_in_s": round(delay, 2)},
-                                  restart_attempts=attempts, next_restart_at=self._clock() + timedelta(seconds=delay))
+            await self.lc.restart(row, attempt, retry_in_s=retry_in)
+        except BapError:
+            pass  # recorded by lifecycle (auto_restart_failed, or gave_up); anything else escapes to the supervisor

@@ -1,0 +1,196 @@
+"""The one transition executor: claim → backend → typed update + audit rows → release.
+
+Every lifecycle op, every repair of the reconciler and every worker decision runs as
+
+    claim = await transitions.claim(engine_id, "sleep")      # the intent: op, owner, deadline
+    async with claim:                                        # any error (or no commit): released
+        await backend.pause(engine_id)                       # outside any transaction
+        await claim.commit(Change(status=SLEEPING), Audit(AuditAction.SLEEP, {...}))
+
+`commit` writes the row's typed update and all of its audit rows in one transaction and
+releases the op; `delete` does the same for the row's removal; `note` records a further intent
+(a runtime handle, a pending key) while keeping the claim. So "every state change has its audit
+row in the same transaction" holds by construction, and the state table is checked in one place.
+
+Crash points: with `BAP_CRASH_AT=<phase>:<op>` in the environment (phase `claimed` — the intent
+is committed, nothing else done — or `commit` — the backend call is done, its outcome not yet
+recorded) the process kills itself with SIGKILL there. The fault suite uses it to kill the
+orchestrator inside every op; nothing sets it in production.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from datetime import datetime
+from types import TracebackType
+
+import asyncpg
+import orjson
+
+from bap_engine import audit, registry
+from bap_engine.errors import EngineBusy, EngineNotFound, InternalError
+from bap_engine.registry import EngineRow
+from bap_engine.states import AuditAction, EngineState, can_transition
+
+__all__ = ["Change", "Audit", "Claim", "Transitions", "UNSET", "crashpoint"]
+
+log = logging.getLogger("bap_engine.lifecycle")
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+UNSET = _Unset()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Change:
+    """A typed update of an engine row: only the fields given are written."""
+
+    status: EngineState | _Unset = UNSET
+    sleep_kind: str | None | _Unset = UNSET
+    health_failures: int | _Unset = UNSET
+    restart_attempts: int | _Unset = UNSET
+    next_restart_at: datetime | None | _Unset = UNSET
+    last_health_at: datetime | None | _Unset = UNSET
+    last_active_at: datetime | None | _Unset = UNSET
+    ref: str | None | _Unset = UNSET
+    url: str | None | _Unset = UNSET
+    port: int | _Unset = UNSET
+    boot_ms: int | _Unset = UNSET
+    api_key_hash: str | _Unset = UNSET
+    engine_key_enc: str | _Unset = UNSET
+    pending_key_enc: str | None | _Unset = UNSET
+
+    def values(self) -> dict[str, object]:
+        return {f.name: v for f in fields(self) if (v := getattr(self, f.name)) is not UNSET}
+
+
+@dataclass(frozen=True, slots=True)
+class Audit:
+    """One audit row to write with the change."""
+
+    action: AuditAction
+    metadata: Mapping[str, object] | None = None
+    actor: str = "system"
+    duration_ms: int | None = None
+
+
+def crashpoint(phase: str, op: str) -> None:
+    """Die here (SIGKILL, like kill -9) when BAP_CRASH_AT names this point: the fault suite's hook."""
+    if os.environ.get("BAP_CRASH_AT") == f"{phase}:{op}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Claim:
+    """An op held on one engine until committed, deleted or released."""
+
+    def __init__(self, pool: asyncpg.Pool, row: EngineRow, op: str) -> None:
+        self._pool = pool
+        self.row = row
+        self.op = op
+        self._open = True
+
+    async def __aenter__(self) -> Claim:
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, err: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        if self._open:
+            await self.release()
+
+    async def note(self, change: Change, *audits: Audit) -> EngineRow:
+        """Record a further intent (keeps the claim)."""
+        self._check(change)
+        values = change.values()
+        async with self._pool.acquire() as conn, conn.transaction():
+            row = await registry.update_engine(conn, self.row.id, **values) if values else None
+            await _write(conn, self.row, audits)
+        self.row = row or self.row
+        return self.row
+
+    async def commit(self, change: Change | None = None, *audits: Audit) -> EngineRow:
+        """The outcome: the row's update and its audit rows in one transaction; releases the op."""
+        crashpoint("commit", self.op)
+        change = change or Change()
+        self._check(change)
+        async with self._pool.acquire() as conn, conn.transaction():
+            row = await registry.update_engine(conn, self.row.id, op=None, op_owner=None, op_deadline=None,
+                                               **change.values())
+            await _write(conn, self.row, audits)
+        self._open = False
+        self.row = row or self.row
+        return self.row
+
+    async def delete(self, *audits: Audit) -> None:
+        """The row is gone (destroyed, or a failed provision undone), with its audit rows."""
+        crashpoint("commit", self.op)
+        async with self._pool.acquire() as conn, conn.transaction():
+            await registry.delete_engine(conn, self.row.id)
+            await _write(conn, self.row, audits)
+        self._open = False
+
+    async def release(self, *audits: Audit) -> None:
+        """Give the op up without a state change (optionally noting why). Never raises for a lost
+        database: the op's dead owner or deadline lets the reconciler take it over."""
+        self._open = False
+        try:
+            async with self._pool.acquire() as conn, conn.transaction():
+                await registry.update_engine(conn, self.row.id, op=None, op_owner=None, op_deadline=None)
+                await _write(conn, self.row, audits)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as err:
+            log.warning("op not released; the reconciler will take it over",
+                        extra={"engine_id": self.row.id, "op": self.op, "error": repr(err)})
+
+    def _check(self, change: Change) -> None:
+        new, old = change.status, self.row.status
+        if isinstance(new, EngineState) and new != old and not can_transition(old, new):
+            raise InternalError(f"transition {old} → {new} is not in the state table")
+
+
+async def _write(conn: asyncpg.Connection, row: EngineRow, audits: tuple[Audit, ...]) -> None:
+    for a in audits:
+        metadata = orjson.loads(orjson.dumps(a.metadata)) if a.metadata is not None else None
+        await audit.write(conn, a.action, product_id=row.product_id, user_id=row.user_id, engine_id=row.id,
+                          actor=a.actor, metadata=metadata, duration_ms=a.duration_ms)
+
+
+class Transitions:
+    """Claims ops for this process (its owner id is a live advisory lock, see owner.py)."""
+
+    def __init__(self, pool: asyncpg.Pool, owner_id: int, op_ttl_s: float) -> None:
+        self._pool = pool
+        self.owner_id = owner_id
+        self.op_ttl_s = op_ttl_s
+
+    async def claim(self, engine_id: str, op: str) -> Claim | None:
+        """Claim an engine by id; None when another live op holds it (or it is gone)."""
+        async with self._pool.acquire() as conn:
+            row = await registry.claim_op(conn, engine_id, op, self.owner_id, self.op_ttl_s)
+        if row is None:
+            return None
+        crashpoint("claimed", op)
+        return Claim(self._pool, row, op)
+
+    async def claim_user(self, product_id: str, user_id: str, op: str) -> Claim:
+        """Claim a product's user's engine. Raises EngineNotFound, EngineBusy."""
+        async with self._pool.acquire() as conn:
+            row = await registry.get_engine(conn, product_id, user_id)
+            if row is None:
+                raise EngineNotFound()
+            claimed = await registry.claim_op(conn, row.id, op, self.owner_id, self.op_ttl_s)
+        if claimed is None:
+            raise EngineBusy()
+        crashpoint("claimed", op)
+        return Claim(self._pool, claimed, op)
+
+    def adopt(self, row: EngineRow, op: str) -> Claim:
+        """A claim on a row inserted already holding `op` for this owner (provision)."""
+        crashpoint("claimed", op)
+        return Claim(self._pool, row, op)
