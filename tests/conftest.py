@@ -41,8 +41,13 @@ from bap_engine.backends.subprocess import SubprocessBackend, SubprocessConfig
 from bap_engine.config import Settings
 from bap_engine.db import migrate
 from bap_engine.db.embedded import embedded_postgres
+from tests.log_scan import record_secrets
+
+# At session end, every log the run wrote is scanned for keys and for these values (tests/log_scan.py).
+pytest_plugins = ("tests.log_scan",)
 
 ADMIN_KEY = "adm-test-" + uuid.uuid4().hex
+record_secrets(ADMIN_KEY)
 PORTS_PER_TEST = 40
 _PORT_LOW, _PORT_HIGH = 20000, 29999
 _port_blocks = itertools.count(random.randrange((_PORT_HIGH - _PORT_LOW + 1) // PORTS_PER_TEST))
@@ -253,7 +258,9 @@ def next_port_range() -> tuple[int, int]:
 
 @pytest.fixture
 def master_key() -> str:
-    return Fernet.generate_key().decode()
+    key = Fernet.generate_key().decode()
+    record_secrets(key)  # no log of the run may contain it
+    return key
 
 
 @pytest.fixture

@@ -34,6 +34,7 @@ from bap_engine.fleet import Fleet
 from bap_engine.keys import KeySealer
 from bap_engine.lifecycle import Lifecycle
 from bap_engine.lifecycle.owner import OwnerLock
+from bap_engine.logs import register_secrets
 from bap_engine.policy import RateLimiter
 from bap_engine.supervisor import Supervisor
 from bap_engine.workers.leader import run_workers
@@ -166,6 +167,7 @@ async def _timed_out(request: Request, exc: Exception) -> Response:
 
 def create_app(settings: Settings | None = None, *, backend_factory: BackendFactory | None = None) -> FastAPI:
     settings = ensure_secrets(settings or load_settings())
+    register_secrets(settings.admin_key, settings.master_key)  # scrubbed from every log line
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from bap_engine.config import Settings
+from tests.log_scan import record_server_log
 
 
 @dataclass
@@ -80,6 +81,7 @@ def start_server(settings: Settings, tmp_path: Path) -> Iterator[StartServer]:
         for key, value in {**base, **overrides}.items():
             env[f"ORCH_{key.upper()}"] = str(value)
         log = tmp_path / f"serve-{port}.log"
+        record_server_log(log, env.get("ORCH_ADMIN_KEY"), env.get("ORCH_MASTER_KEY"))  # scanned at session end
         with log.open("wb") as out:
             proc = subprocess.Popen([exe, "serve"], env=env, stdout=out, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL)

@@ -40,16 +40,19 @@ def serve(
     from bap_engine.logs import configure_logging
 
     settings = _settings(host=host, port=port)
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.admin_key, settings.master_key)
     if settings.embedded:
         where = (settings.data_dir / "admin.key").resolve()
         typer.echo(f"bap-engine: embedded Postgres under {(settings.data_dir / 'pg').resolve()}", err=True)
-        typer.echo(f"bap-engine: admin key in {where}", err=True)
+        # ensure_secrets uses the file only when ORCH_ADMIN_KEY is unset: name it only if the key is in it
+        if where.is_file() and where.read_text().strip() == settings.admin_key:
+            typer.echo(f"bap-engine: admin key in {where}", err=True)
         typer.echo("bap-engine: register a product with: bap-engine products register --slug my-app "
                    "--display-name 'My App'", err=True)
     typer.echo(f"bap-engine: serving on http://{settings.host}:{settings.port}", err=True)
+    # log_config=None: uvicorn's own records (a request's traceback) go through the JSON handler
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning",
-                access_log=False, loop="uvloop", http="httptools", timeout_graceful_shutdown=10)
+                access_log=False, loop="uvloop", http="httptools", timeout_graceful_shutdown=10, log_config=None)
 
 
 @app.command()
