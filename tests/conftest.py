@@ -41,6 +41,7 @@ from bap_engine.backends.subprocess import SubprocessBackend, SubprocessConfig
 from bap_engine.config import Settings
 from bap_engine.db import migrate
 from bap_engine.db.embedded import embedded_postgres
+from bap_engine.registry import OWNER_GRACE_S
 from tests.log_scan import record_secrets
 
 # At session end, every log the run wrote is scanned for keys and for these values (tests/log_scan.py).
@@ -245,9 +246,21 @@ async def pg_dsn() -> AsyncIterator[str]:
     try:
         async with embedded_postgres(base) as dsn:
             await migrate.upgrade(dsn)
+            await wait_out_owner_grace(dsn)
             yield dsn
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+async def wait_out_owner_grace(dsn: str) -> None:
+    """Ops of dead owners are taken over only once Postgres has been up OWNER_GRACE_S (see registry):
+    tests that simulate a dead owner need a server older than that."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        uptime = await conn.fetchval("SELECT extract(epoch FROM now() - pg_postmaster_start_time())")
+    finally:
+        await conn.close()
+    await asyncio.sleep(max(0.0, OWNER_GRACE_S + 0.5 - float(uptime)))
 
 
 def next_port_range() -> tuple[int, int]:

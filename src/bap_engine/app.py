@@ -117,6 +117,7 @@ async def build_services(settings: Settings, backend_factory: BackendFactory | N
         await _check_backend(backend)
         assert settings.master_key and settings.admin_key
         lifecycle = Lifecycle(pool, backend, settings, KeySealer(settings.master_key), owner_id, engine_env(settings))
+        supervisor.start("op-expirer", lifecycle.tx.expire_dangling)
         limiter = RateLimiter(pool)
         stack.push_async_callback(limiter.release_all)
         discovery = MeteredDiscovery(pool, lifecycle, limiter)  # counts admits once metrics are attached

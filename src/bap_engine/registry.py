@@ -21,7 +21,7 @@ __all__ = [
     "get_engine", "get_engine_by_id", "insert_engine", "allocate_port", "claim_op",
     "update_engine", "delete_engine", "list_engines", "count_by_status", "engines_in_states",
     "touch_activity", "count_by_product_status", "all_engines", "record_health_ok", "bump_health_failures",
-    "due_restarts", "stale_ops",
+    "due_restarts", "stale_ops", "update_claimed", "delete_claimed", "expire_op", "OWNER_GRACE_S",
 ]
 
 _PORT_LOCK = 7_415_003  # serialises port choice across processes
@@ -199,6 +199,17 @@ async def allocate_port(conn: asyncpg.Connection, low: int, high: int, avoid: Se
     return None if port is None else int(port)
 
 
+# An op's owner is gone when its liveness lock (see lifecycle/owner.py) is not held - but right
+# after a Postgres restart no lock is held until each live process has re-taken its own (every
+# 2 s), so takeovers by liveness wait until the server has been up for OWNER_GRACE_S.
+OWNER_GRACE_S = 6
+_OWNER_GONE = (
+    "(NOT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND classid = 7415004 "
+    "AND objid = engines.op_owner::oid AND objsubid = 2) "
+    f"AND pg_postmaster_start_time() < now() - interval '{OWNER_GRACE_S} seconds')"
+)
+
+
 async def claim_op(
     conn: asyncpg.Connection, engine_id: str, op: str, owner: int, ttl_s: float
 ) -> EngineRow | None:
@@ -208,12 +219,38 @@ async def claim_op(
     lock, is taken over. Returns the row, or None when busy (or gone)."""
     r = await conn.fetchrow(
         f"UPDATE engines SET op = $2, op_owner = $3, op_deadline = now() + make_interval(secs => $4), "
-        f"updated_at = now() WHERE id = $1 AND (op IS NULL OR op_deadline < now() OR NOT EXISTS ("
-        f"SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND classid = 7415004 "
-        f"AND objid = engines.op_owner::oid AND objsubid = 2)) RETURNING {_ENGINE_COLS}",
+        f"updated_at = now() WHERE id = $1 AND (op IS NULL OR op_deadline < now() OR {_OWNER_GONE}) "
+        f"RETURNING {_ENGINE_COLS}",
         engine_id, op, owner, ttl_s,
     )
     return _engine(r)
+
+
+async def update_claimed(conn: asyncpg.Connection, engine_id: str, owner: int, op: str, /,
+                         **values: object) -> EngineRow | None:
+    """update_engine, only while `owner` still holds `op` on the row (None once taken over).
+    Positional-only, so `op=None` among the values releases it."""
+    cols = list(values)
+    sets = ", ".join(f"{c} = ${i + 4}" for i, c in enumerate(cols))
+    r = await conn.fetchrow(
+        f"UPDATE engines SET {sets}, updated_at = now() WHERE id = $1 AND op_owner = $2 AND op = $3 "
+        f"RETURNING {_ENGINE_COLS}",
+        engine_id, owner, op, *[str(v) if isinstance(v, EngineState) else v for v in values.values()],
+    )
+    return _engine(r)
+
+
+async def delete_claimed(conn: asyncpg.Connection, engine_id: str, owner: int, op: str) -> bool:
+    """Delete the row while `owner` still holds `op` on it. False once taken over (or gone)."""
+    done = await conn.fetchval("DELETE FROM engines WHERE id = $1 AND op_owner = $2 AND op = $3 RETURNING 1",
+                               engine_id, owner, op)
+    return done is not None
+
+
+async def expire_op(conn: asyncpg.Connection, engine_id: str, owner: int, op: str) -> None:
+    """Hand an op that ended in an unknown state to the reconciler: its deadline is now past."""
+    await conn.execute("UPDATE engines SET op_deadline = now() - interval '1 second' "
+                       "WHERE id = $1 AND op_owner = $2 AND op = $3", engine_id, owner, op)
 
 
 async def update_engine(conn: asyncpg.Connection, engine_id: str, **values: object) -> EngineRow | None:
@@ -317,8 +354,7 @@ async def stale_ops(conn: asyncpg.Connection, deployment: str) -> list[EngineRow
     """Rows whose op deadline passed or whose owner process is gone."""
     rows = await conn.fetch(
         f"SELECT {_ENGINE_COLS} FROM engines WHERE deployment = $1 AND op IS NOT NULL AND (op_deadline < now() "
-        f"OR NOT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND classid = 7415004 "
-        f"AND objid = engines.op_owner::oid AND objsubid = 2))",
+        f"OR {_OWNER_GONE})",
         deployment,
     )
     return [e for e in map(_engine, rows) if e is not None]

@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from bap_engine import errors as e
+from bap_engine.api.methods import allowed_methods
 from bap_engine.api.responses import JSON
 
 __all__ = ["STATUS", "envelope", "bap_error_response", "install_error_handlers"]
@@ -81,7 +82,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     if exc.status_code == 404:
         return envelope(404, "NOT_FOUND", "no such route")
     if exc.status_code == 405:
-        return envelope(405, "METHOD_NOT_ALLOWED", "method not allowed on this route", dict(exc.headers or {}))
+        allow = allowed_methods(request.app.routes, request.scope)
+        return envelope(405, "METHOD_NOT_ALLOWED", "method not allowed on this route", {"Allow": allow})
     if exc.status_code == 413:
         return envelope(413, "PAYLOAD_TOO_LARGE", "request body too large")
     if exc.status_code == 400:

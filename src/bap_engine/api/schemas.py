@@ -14,7 +14,7 @@ from bap_engine.api.models import AdmitOut, EngineListItem, EngineOut
 __all__ = [
     "ProvisionOut", "DestroyOut", "StartOut", "StopOut", "EngineListOut", "StatusOut", "MetricsOut",
     "RegisterOut", "PolicyOut", "HealthOut", "ProductOut", "ProductsOut", "BootBucketOut", "BootOut",
-    "ProductMetricsOut", "AuditEventOut", "AuditOut", "AdminActionOut", "ENDPOINTS", "COMMON_ERRORS",
+    "ProductMetricsOut", "AuditEventOut", "AuditOut", "AdminActionOut", "ENDPOINTS", "COMMON_ERRORS", "Errors",
 ]
 
 
@@ -136,53 +136,65 @@ class AdminActionOut(BaseModel):
 
 V, PK, AK = "VALIDATION_ERROR", "INVALID_PLATFORM_KEY", "INVALID_ADMIN_KEY"
 BUSY, BACKEND, BOOT = "ENGINE_BUSY", "BACKEND_ERROR", "BOOT_TIMEOUT"
+PORTS, DB, TOO_LARGE = "PORT_EXHAUSTION", "SERVICE_UNAVAILABLE", "PAYLOAD_TOO_LARGE"
 Errors = dict[int, tuple[str, ...]]
 
-# Every endpoint may also answer 500 INTERNAL_ERROR; those with a body 413 PAYLOAD_TOO_LARGE.
+# Every endpoint may also answer 500 INTERNAL_ERROR.
 COMMON_ERRORS: Errors = {500: ("INTERNAL_ERROR",)}
 
-_ADMIN_ENGINE: Errors = {400: (V,), 401: (AK,), 404: ("PRODUCT_NOT_FOUND", "ENGINE_NOT_FOUND")}
+
+def _errors(*parts: Errors) -> Errors:
+    """The union of error tables, codes merged per status."""
+    out: dict[int, tuple[str, ...]] = {}
+    for part in parts:
+        for status, codes in part.items():
+            out[status] = tuple(dict.fromkeys((*out.get(status, ()), *codes)))
+    return out
+
+
+# what every route behind a key can answer: a bad key, and the database down (503 through app._db_down)
+_PLATFORM: Errors = {401: (PK,), 503: (DB,)}
+_ADMIN: Errors = {401: (AK,), 503: (DB,)}
+_BODY: Errors = {400: (V,), 413: (TOO_LARGE,)}
+_ENGINE: Errors = _errors(_PLATFORM, {400: (V,), 404: ("ENGINE_NOT_FOUND",)})  # a user_id in the path
+_ADMIN_ENGINE: Errors = _errors(_ADMIN, {400: (V,), 404: ("PRODUCT_NOT_FOUND", "ENGINE_NOT_FOUND")})
+_BOOTS: Errors = {502: (BACKEND,), 503: (PORTS,), 504: (BOOT,)}  # an engine is created or started
 
 # (method, path) → (200 model or None for a non-JSON answer, errors by status)
 ENDPOINTS: dict[tuple[str, str], tuple[type[BaseModel] | None, Errors]] = {
-    ("get", "/health"): (HealthOut, {503: ("SERVICE_UNAVAILABLE",)}),
-    ("post", "/engines/provision"): (ProvisionOut, {
-        400: (V,), 401: (PK,), 409: ("ENGINE_ALREADY_EXISTS", BUSY), 413: ("PAYLOAD_TOO_LARGE",),
-        429: ("QUOTA_EXCEEDED",), 502: (BACKEND,), 503: ("PORT_EXHAUSTION", "SERVICE_UNAVAILABLE"), 504: (BOOT,)}),
-    ("delete", "/engines/{user_id}"): (DestroyOut, {
-        400: (V,), 401: (PK,), 404: ("ENGINE_NOT_FOUND",), 409: (BUSY,), 502: (BACKEND,)}),
-    ("post", "/engines/{user_id}/start"): (StartOut, {
-        400: (V,), 401: (PK,), 404: ("ENGINE_NOT_FOUND",), 409: ("ENGINE_ALREADY_RUNNING", BUSY),
-        502: (BACKEND,), 504: (BOOT,)}),
-    ("post", "/engines/{user_id}/stop"): (StopOut, {
-        400: (V,), 401: (PK,), 404: ("ENGINE_NOT_FOUND",), 409: ("ENGINE_NOT_RUNNING", BUSY), 502: (BACKEND,)}),
-    ("post", "/engines/{user_id}/rotate-key"): (ProvisionOut, {
-        400: (V,), 401: (PK,), 404: ("ENGINE_NOT_FOUND",), 409: ("ENGINE_NOT_RUNNING", BUSY), 502: (BACKEND,)}),
-    ("get", "/engines/{user_id}"): (EngineOut, {400: (V,), 401: (PK,), 404: ("ENGINE_NOT_FOUND",)}),
-    ("post", "/engines/{user_id}/admit"): (AdmitOut, {
-        400: (V,), 401: (PK,), 409: (BUSY,), 413: ("PAYLOAD_TOO_LARGE",), 429: ("RATE_LIMITED", "QUOTA_EXCEEDED"),
-        502: (BACKEND,), 503: ("PORT_EXHAUSTION",), 504: (BOOT,)}),
-    ("get", "/engines"): (EngineListOut, {400: (V,), 401: (PK,)}),
-    ("get", "/status"): (StatusOut, {401: (PK,)}),
-    ("get", "/metrics"): (MetricsOut, {401: (PK,)}),
-    ("post", "/products/register"): (RegisterOut, {
-        400: (V,), 401: (AK,), 409: ("PRODUCT_SLUG_EXISTS",), 413: ("PAYLOAD_TOO_LARGE",)}),
-    ("put", "/products/{product_id}/policy"): (PolicyOut, {
-        400: (V,), 401: (AK,), 404: ("PRODUCT_NOT_FOUND",), 413: ("PAYLOAD_TOO_LARGE",)}),
-    ("get", "/products"): (ProductsOut, {401: (AK,)}),
-    ("get", "/products/{product_id}/engines"): (EngineListOut, {400: (V,), 401: (AK,), 404: ("PRODUCT_NOT_FOUND",)}),
+    ("get", "/health"): (HealthOut, {503: (DB,)}),
+    ("post", "/engines/provision"): (ProvisionOut, _errors(_PLATFORM, _BODY, _BOOTS, {
+        409: ("ENGINE_ALREADY_EXISTS", BUSY), 429: ("QUOTA_EXCEEDED",)})),
+    ("delete", "/engines/{user_id}"): (DestroyOut, _errors(_ENGINE, {409: (BUSY,), 502: (BACKEND,)})),
+    ("post", "/engines/{user_id}/start"): (StartOut, _errors(_ENGINE, _BOOTS, {409: ("ENGINE_ALREADY_RUNNING", BUSY)})),
+    ("post", "/engines/{user_id}/stop"): (StopOut, _errors(_ENGINE, {409: ("ENGINE_NOT_RUNNING", BUSY),
+                                                                      502: (BACKEND,)})),
+    ("post", "/engines/{user_id}/rotate-key"): (ProvisionOut, _errors(_ENGINE, {409: ("ENGINE_NOT_RUNNING", BUSY),
+                                                                                502: (BACKEND,)})),
+    ("get", "/engines/{user_id}"): (EngineOut, _ENGINE),
+    ("post", "/engines/{user_id}/admit"): (AdmitOut, _errors(_PLATFORM, _BODY, _BOOTS, {
+        409: (BUSY,), 429: ("RATE_LIMITED", "QUOTA_EXCEEDED")})),
+    ("get", "/engines"): (EngineListOut, _errors(_PLATFORM, {400: (V,)})),
+    ("get", "/status"): (StatusOut, _PLATFORM),
+    ("get", "/metrics"): (MetricsOut, _PLATFORM),
+    ("post", "/products/register"): (RegisterOut, _errors(_ADMIN, _BODY, {409: ("PRODUCT_SLUG_EXISTS",)})),
+    ("put", "/products/{product_id}/policy"): (PolicyOut, _errors(_ADMIN, _BODY, {404: ("PRODUCT_NOT_FOUND",)})),
+    ("get", "/products"): (ProductsOut, _ADMIN),
+    ("get", "/products/{product_id}/engines"): (EngineListOut, _errors(_ADMIN, {400: (V,),
+                                                                                 404: ("PRODUCT_NOT_FOUND",)})),
     ("get", "/products/{product_id}/engines/{user_id}"): (EngineListItem, _ADMIN_ENGINE),
-    ("get", "/products/{product_id}/metrics"): (ProductMetricsOut, {401: (AK,), 404: ("PRODUCT_NOT_FOUND",)}),
-    ("get", "/products/{product_id}/audit"): (AuditOut, {400: (V,), 401: (AK,), 404: ("PRODUCT_NOT_FOUND",)}),
-    ("get", "/audit"): (AuditOut, {400: (V,), 401: (AK,)}),
-    ("post", "/products/{product_id}/engines/{user_id}/stop"): (AdminActionOut, {
-        **_ADMIN_ENGINE, 409: ("ENGINE_NOT_RUNNING", BUSY), 502: (BACKEND,)}),
-    ("post", "/products/{product_id}/engines/{user_id}/start"): (AdminActionOut, {
-        **_ADMIN_ENGINE, 409: ("ENGINE_ALREADY_RUNNING", BUSY), 502: (BACKEND,), 504: (BOOT,)}),
-    ("post", "/products/{product_id}/engines/{user_id}/rotate-key"): (AdminActionOut, {
-        **_ADMIN_ENGINE, 409: ("ENGINE_NOT_RUNNING", BUSY), 502: (BACKEND,)}),
-    ("delete", "/products/{product_id}/engines/{user_id}"): (AdminActionOut, {
-        **_ADMIN_ENGINE, 409: (BUSY,), 502: (BACKEND,)}),
-    ("get", "/metrics/prometheus"): (None, {401: (AK,)}),
+    ("get", "/products/{product_id}/metrics"): (ProductMetricsOut, _errors(_ADMIN, {404: ("PRODUCT_NOT_FOUND",)})),
+    ("get", "/products/{product_id}/audit"): (AuditOut, _errors(_ADMIN, {400: (V,), 404: ("PRODUCT_NOT_FOUND",)})),
+    ("get", "/audit"): (AuditOut, _errors(_ADMIN, {400: (V,), 404: ("PRODUCT_NOT_FOUND",)})),
+    ("post", "/products/{product_id}/engines/{user_id}/stop"): (AdminActionOut, _errors(_ADMIN_ENGINE, {
+        409: ("ENGINE_NOT_RUNNING", BUSY), 502: (BACKEND,)})),
+    ("post", "/products/{product_id}/engines/{user_id}/start"): (AdminActionOut, _errors(_ADMIN_ENGINE, _BOOTS, {
+        409: ("ENGINE_ALREADY_RUNNING", BUSY)})),
+    ("post", "/products/{product_id}/engines/{user_id}/rotate-key"): (AdminActionOut, _errors(_ADMIN_ENGINE, {
+        409: ("ENGINE_NOT_RUNNING", BUSY), 502: (BACKEND,)})),
+    ("delete", "/products/{product_id}/engines/{user_id}"): (AdminActionOut, _errors(_ADMIN_ENGINE, {
+        409: (BUSY,), 502: (BACKEND,)})),
+    # 503 also when the app runs without its metrics registry
+    ("get", "/metrics/prometheus"): (None, _ADMIN),
     ("get", "/dashboard"): (None, {}),
 }

@@ -126,17 +126,18 @@ class Lifecycle:
 
     async def _boot_new(self, claim: Claim, actor: str) -> EngineRow:
         started = time.monotonic()
-        try:
-            await boot.create(self, claim)
-            await boot.await_healthy(self, claim.row, self.settings.boot_timeout_s - (time.monotonic() - started))
-        except (BackendFailed, BootTimeout, PortExhaustion) as err:
-            await boot.halt(self, claim.row.id, destroy=True)
-            await claim.delete(Audit(A.PROVISION_FAILED, {"error": err.code, "message": str(err)}, actor))
-            raise
-        ms = int((time.monotonic() - started) * 1000)
-        return await claim.commit(
-            Change(status=S.RUNNING, boot_ms=ms, last_health_at=now(), last_active_at=now()),
-            Audit(A.PROVISION, {"engine_version": claim.row.engine_version, "port": claim.row.port}, actor, ms))
+        async with claim:  # a lost database mid-boot expires the op: the reconciler finishes or undoes it
+            try:
+                await boot.create(self, claim)
+                await boot.await_healthy(self, claim.row, self.settings.boot_timeout_s - (time.monotonic() - started))
+            except (BackendFailed, BootTimeout, PortExhaustion) as err:
+                await boot.halt(self, claim.row.id, destroy=True)
+                await claim.delete(Audit(A.PROVISION_FAILED, {"error": err.code, "message": str(err)}, actor))
+                raise
+            ms = int((time.monotonic() - started) * 1000)
+            return await claim.commit(
+                Change(status=S.RUNNING, boot_ms=ms, last_health_at=now(), last_active_at=now()),
+                Audit(A.PROVISION, {"engine_version": claim.row.engine_version, "port": claim.row.port}, actor, ms))
 
     # ---- start / wake / restart ----------------------------------------------------------
     async def start(self, product: ProductRow, user_id: str, *, actor: str) -> EngineRow:

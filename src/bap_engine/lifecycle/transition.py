@@ -20,6 +20,7 @@ orchestrator inside every op; nothing sets it in production.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -32,13 +33,14 @@ import asyncpg
 import orjson
 
 from bap_engine import audit, registry
-from bap_engine.errors import EngineBusy, EngineNotFound, InternalError
+from bap_engine.errors import BapError, EngineBusy, EngineNotFound, InternalError
 from bap_engine.registry import EngineRow
 from bap_engine.states import AuditAction, EngineState, can_transition
 
 __all__ = ["Change", "Audit", "Claim", "Transitions", "UNSET", "crashpoint"]
 
 log = logging.getLogger("bap_engine.lifecycle")
+_DB_LOST = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)  # TimeoutError is an OSError
 
 
 class _Unset:
@@ -89,10 +91,17 @@ def crashpoint(phase: str, op: str) -> None:
 
 
 class Claim:
-    """An op held on one engine until committed, deleted or released."""
+    """An op held on one engine until committed, deleted or released.
 
-    def __init__(self, pool: asyncpg.Pool, row: EngineRow, op: str) -> None:
-        self._pool = pool
+    Every write is conditional on this owner still holding this op, so a claim that was taken
+    over (its deadline passed) can never overwrite what the new holder did: it raises EngineBusy.
+    Leaving the block without a commit releases the op after a deliberate BapError (nothing was
+    half done), and otherwise - a lost database, a cancellation, a bug - expires it, so the
+    reconciler looks at the engine at once instead of after the op's deadline."""
+
+    def __init__(self, tx: Transitions, row: EngineRow, op: str) -> None:
+        self._tx = tx
+        self._pool = tx.pool
         self.row = row
         self.op = op
         self._open = True
@@ -102,17 +111,22 @@ class Claim:
 
     async def __aexit__(self, kind: type[BaseException] | None, err: BaseException | None,
                         tb: TracebackType | None) -> None:
-        if self._open:
+        if not self._open:
+            return
+        if err is None or isinstance(err, BapError):
             await self.release()
+        else:
+            await self.expire()
 
     async def note(self, change: Change, *audits: Audit) -> EngineRow:
         """Record a further intent (keeps the claim)."""
         self._check(change)
         values = change.values()
         async with self._pool.acquire() as conn, conn.transaction():
-            row = await registry.update_engine(conn, self.row.id, **values) if values else None
+            if values:
+                self.row = self._held(await registry.update_claimed(conn, self.row.id, self._tx.owner_id, self.op,
+                                                                    **values))
             await _write(conn, self.row, audits)
-        self.row = row or self.row
         return self.row
 
     async def commit(self, change: Change | None = None, *audits: Audit) -> EngineRow:
@@ -121,32 +135,47 @@ class Claim:
         change = change or Change()
         self._check(change)
         async with self._pool.acquire() as conn, conn.transaction():
-            row = await registry.update_engine(conn, self.row.id, op=None, op_owner=None, op_deadline=None,
-                                               **change.values())
+            row = await registry.update_claimed(conn, self.row.id, self._tx.owner_id, self.op, op=None,
+                                                op_owner=None, op_deadline=None, **change.values())
+            self.row = self._held(row)
             await _write(conn, self.row, audits)
         self._open = False
-        self.row = row or self.row
         return self.row
 
     async def delete(self, *audits: Audit) -> None:
         """The row is gone (destroyed, or a failed provision undone), with its audit rows."""
         crashpoint("commit", self.op)
         async with self._pool.acquire() as conn, conn.transaction():
-            await registry.delete_engine(conn, self.row.id)
+            if not await registry.delete_claimed(conn, self.row.id, self._tx.owner_id, self.op):
+                self._held(None)
             await _write(conn, self.row, audits)
         self._open = False
 
     async def release(self, *audits: Audit) -> None:
-        """Give the op up without a state change (optionally noting why). Never raises for a lost
-        database: the op's dead owner or deadline lets the reconciler take it over."""
+        """Give the op up without a state change (optionally noting why)."""
         self._open = False
         try:
             async with self._pool.acquire() as conn, conn.transaction():
-                await registry.update_engine(conn, self.row.id, op=None, op_owner=None, op_deadline=None)
-                await _write(conn, self.row, audits)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as err:
-            log.warning("op not released; the reconciler will take it over",
-                        extra={"engine_id": self.row.id, "op": self.op, "error": repr(err)})
+                if await registry.update_claimed(conn, self.row.id, self._tx.owner_id, self.op, op=None,
+                                                 op_owner=None, op_deadline=None):
+                    await _write(conn, self.row, audits)
+        except _DB_LOST as err:
+            self._tx.dangle(self, err)
+
+    async def expire(self) -> None:
+        """The op ended in an unknown state: let the reconciler finish or undo it now."""
+        self._open = False
+        try:
+            async with self._pool.acquire() as conn:
+                await registry.expire_op(conn, self.row.id, self._tx.owner_id, self.op)
+        except _DB_LOST as err:
+            self._tx.dangle(self, err)
+
+    def _held(self, row: EngineRow | None) -> EngineRow:
+        if row is None:
+            self._open = False
+            raise EngineBusy("another process took this operation over; retry")
+        return row
 
     def _check(self, change: Change) -> None:
         new, old = change.status, self.row.status
@@ -165,9 +194,28 @@ class Transitions:
     """Claims ops for this process (its owner id is a live advisory lock, see owner.py)."""
 
     def __init__(self, pool: asyncpg.Pool, owner_id: int, op_ttl_s: float) -> None:
+        self.pool = pool
         self._pool = pool
         self.owner_id = owner_id
         self.op_ttl_s = op_ttl_s
+        self._dangling: dict[str, str] = {}  # engine id → op whose end could not be written
+
+    def dangle(self, claim: Claim, err: BaseException) -> None:
+        log.warning("op not handed back (database unreachable); it will be expired once it answers",
+                    extra={"engine_id": claim.row.id, "op": claim.op, "error": repr(err)})
+        self._dangling[claim.row.id] = claim.op
+
+    async def expire_dangling(self, every_s: float = 1.0) -> None:
+        """Supervised: expire the ops whose release or expiry met a lost database, once it is back."""
+        while True:
+            await asyncio.sleep(every_s)
+            for engine_id, op in list(self._dangling.items()):
+                try:
+                    async with self.pool.acquire() as conn:
+                        await registry.expire_op(conn, engine_id, self.owner_id, op)
+                except _DB_LOST:
+                    break
+                self._dangling.pop(engine_id, None)
 
     async def claim(self, engine_id: str, op: str) -> Claim | None:
         """Claim an engine by id; None when another live op holds it (or it is gone)."""
@@ -176,7 +224,7 @@ class Transitions:
         if row is None:
             return None
         crashpoint("claimed", op)
-        return Claim(self._pool, row, op)
+        return Claim(self, row, op)
 
     async def claim_user(self, product_id: str, user_id: str, op: str) -> Claim:
         """Claim a product's user's engine. Raises EngineNotFound, EngineBusy."""
@@ -188,9 +236,9 @@ class Transitions:
         if claimed is None:
             raise EngineBusy()
         crashpoint("claimed", op)
-        return Claim(self._pool, claimed, op)
+        return Claim(self, claimed, op)
 
     def adopt(self, row: EngineRow, op: str) -> Claim:
         """A claim on a row inserted already holding `op` for this owner (provision)."""
         crashpoint("claimed", op)
-        return Claim(self._pool, row, op)
+        return Claim(self, row, op)

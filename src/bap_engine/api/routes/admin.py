@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import uuid
-
 from fastapi import APIRouter
 
-from bap_engine.api.deps import AdminDep, FleetDep
+from bap_engine.api.deps import AdminDep, FleetDep, ProductIdDep
 from bap_engine.api.models import ErrorOut, PolicyBody, RegisterBody
 from bap_engine.api.responses import JSON
-from bap_engine.errors import ProductNotFound
 
 __all__ = ["router"]
 
@@ -25,17 +22,7 @@ async def register(body: RegisterBody, _: AdminDep, fleet: FleetDep) -> JSON:
 
 
 @router.put("/products/{product_id}/policy", responses=_ERRORS)
-async def set_policy(product_id: str, body: PolicyBody, _: AdminDep, fleet: FleetDep) -> JSON:
+async def set_policy(_: AdminDep, product_id: ProductIdDep, body: PolicyBody, fleet: FleetDep) -> JSON:
     """Replace the whole policy (tightening max_engines destroys nothing)."""
-    if not _is_uuid(product_id):
-        raise ProductNotFound()
     product = await fleet.update_policy(product_id, body.policy)
     return JSON({"policy": product.policy})
-
-
-def _is_uuid(value: str) -> bool:
-    try:
-        uuid.UUID(value)
-    except ValueError:
-        return False
-    return True

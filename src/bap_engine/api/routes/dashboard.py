@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import functools
 from importlib import resources
-from typing import Annotated
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, Response
 
-from bap_engine.api.deps import FleetDep, ServicesDep
+from bap_engine.api.deps import BearerDep, FleetDep, ServicesDep
 from bap_engine.api.errors import envelope
 from bap_engine.api.metrics import CONTENT_TYPE, OpsMetrics
 from bap_engine.errors import InvalidAdminKey, ServiceUnavailable
@@ -41,14 +40,12 @@ def _static(name: str) -> bytes:
 @router.get("/metrics/prometheus", response_class=Response,
             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
                              "description": "Prometheus text exposition format"}})
-async def prometheus(request: Request, services: ServicesDep, fleet: FleetDep,
-                     authorization: Annotated[str | None, Header()] = None) -> Response:
+async def prometheus(request: Request, services: ServicesDep, fleet: FleetDep, bearer: BearerDep) -> Response:
     """Prometheus metrics. Needs `Authorization: Bearer <ORCH_ADMIN_KEY>` unless ORCH_METRICS_PUBLIC=true."""
     if not request.app.state.settings.metrics_public:
-        scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer":
+        if bearer is None:  # no Authorization header, or not the Bearer scheme
             raise InvalidAdminKey()
-        fleet.check_admin(token.strip())
+        fleet.check_admin(bearer.credentials.strip())
     metrics = getattr(request.app.state, "metrics", None)
     if not isinstance(metrics, OpsMetrics):
         raise ServiceUnavailable("metrics are not enabled in this app")

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated
-
 import orjson
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter, Request
 from pydantic import ValidationError
 
-from bap_engine.api.deps import DiscoveryDep, LifecycleDep, ProductDep, UserIdDep, check_user_id
+from bap_engine.api.deps import DiscoveryDep, LifecycleDep, PlatformKeyDep, ProductDep, UserIdDep, check_user_id
 from bap_engine.api.models import AdmitBody, AdmitOut, EngineOut, ErrorOut, ProvisionBody, iso
 from bap_engine.api.responses import JSON
 from bap_engine.discovery import Discovery
@@ -101,15 +99,12 @@ def _admit_options(raw: bytes) -> AdmitBody:
 
 
 @router.post("/engines/{user_id}/admit", response_model=AdmitOut, responses=_ERRORS, openapi_extra=_ADMIT_BODY)
-async def admit(
-    request: Request, user_id: UserIdDep, discovery: DiscoveryDep,
-    x_platform_key: Annotated[str | None, Header()] = None,
-) -> JSON:
+async def admit(request: Request, user_id: UserIdDep, discovery: DiscoveryDep, platform_key: PlatformKeyDep) -> JSON:
     """Rate limit → lookup → auto-provision or auto-wake → answer.
 
     Served by api/fastpath.py in the running app (same code, without routing and dependency
     solving); this route documents it and serves it wherever the fast path is not installed."""
-    return await admit_response(discovery, x_platform_key, user_id, await request.body())
+    return await admit_response(discovery, platform_key, user_id, await request.body())
 
 
 async def admit_response(discovery: Discovery, platform_key: str | None, user_id: str, body: bytes) -> JSON:

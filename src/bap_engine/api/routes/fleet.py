@@ -2,51 +2,28 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from typing import Annotated
+
+from fastapi import APIRouter, Query
 
 from bap_engine.api.deps import FleetDep, ProductDep
 from bap_engine.api.models import ErrorOut
+from bap_engine.api.params import PageQuery
 from bap_engine.api.responses import JSON
 from bap_engine.api.routes.engines import engine_json
-from bap_engine.errors import ValidationFailed
-from bap_engine.states import EngineState
 
-__all__ = ["router", "page_params"]
+__all__ = ["router", "PageQueryDep"]
 
 router = APIRouter(tags=["fleet"])
 _ERRORS: dict[int | str, dict[str, object]] = {400: {"model": ErrorOut}, 401: {"model": ErrorOut}}
-_STATES = {str(s) for s in EngineState}
 
-
-def _int(raw: str | None, name: str, default: int, low: int, high: int | None) -> int:
-    if raw is None:
-        return default
-    if not raw.isdigit():
-        raise ValidationFailed(f"{name} must be an integer")
-    value = int(raw)
-    if value < low or (high is not None and value > high):
-        raise ValidationFailed(f"{name} must be between {low} and {high}" if high else f"{name} must be >= {low}")
-    return value
-
-
-def page_params(request: Request) -> tuple[str | None, int, int]:
-    """(status, limit, offset) from the query string. Raises ValidationFailed."""
-    q = request.query_params
-    unknown = set(q) - {"status", "limit", "offset"}
-    if unknown:
-        raise ValidationFailed(f"unknown query parameter: {sorted(unknown)[0]}")
-    status = q.get("status") or None
-    if status is not None and status not in _STATES:
-        raise ValidationFailed(f"status must be one of {sorted(_STATES)}")
-    return status, _int(q.get("limit"), "limit", 100, 1, 1000), _int(q.get("offset"), "offset", 0, 0, None)
+PageQueryDep = Annotated[PageQuery, Query()]
 
 
 @router.get("/engines", responses=_ERRORS)
-async def list_engines(request: Request, product: ProductDep, fleet: FleetDep,
-                       status: str | None = None, limit: int = 100, offset: int = 0) -> JSON:
+async def list_engines(product: ProductDep, fleet: FleetDep, page: PageQueryDep) -> JSON:
     """The product's engines, oldest first, without keys."""
-    status, limit, offset = page_params(request)
-    views, total = await fleet.engines(product.id, status, limit, offset)
+    views, total = await fleet.engines(product.id, page.status, page.limit, page.offset)
     return JSON({"engines": [engine_json(v, with_key=False) for v in views], "total": total})
 
 

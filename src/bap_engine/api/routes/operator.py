@@ -9,17 +9,16 @@ actor `admin` by lifecycle, and logged here as one JSON line each.
 from __future__ import annotations
 
 import logging
-import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi import APIRouter, Query
 
-from bap_engine.api.deps import AdminDep, FleetDep, LifecycleDep, UserIdDep
+from bap_engine.api.deps import AdminDep, FleetDep, LifecycleDep, ProductIdDep, UserIdDep
 from bap_engine.api.models import iso
+from bap_engine.api.params import AdminAuditQuery, AuditQuery
 from bap_engine.api.responses import JSON
 from bap_engine.api.routes.engines import engine_json
-from bap_engine.api.routes.fleet import page_params
-from bap_engine.errors import ProductNotFound, ValidationFailed
+from bap_engine.api.routes.fleet import PageQueryDep
 
 __all__ = ["router", "boot_buckets", "BOOT_BUCKETS_MS"]
 
@@ -27,37 +26,6 @@ log = logging.getLogger("bap_engine.ops")
 router = APIRouter(tags=["ops"])
 BOOT_BUCKETS_MS = (250, 500, 1000, 2000, 5000, 10_000, 30_000)
 _BOOT_SAMPLES = 200
-
-
-def _product_id(product_id: Annotated[str, Path(description="the product's id (a UUID)")]) -> str:
-    try:
-        uuid.UUID(product_id)
-    except ValueError:
-        raise ProductNotFound() from None
-    return product_id
-
-
-ProductIdDep = Annotated[str, Depends(_product_id)]
-
-
-def _query_int(request: Request, name: str, default: int, low: int, high: int) -> int:
-    raw = request.query_params.get(name)
-    if raw is None:
-        return default
-    if not raw.isdigit() or not low <= int(raw) <= high:
-        raise ValidationFailed(f"{name} must be an integer between {low} and {high}")
-    return int(raw)
-
-
-def _audit_query(request: Request, allowed: set[str]) -> tuple[int, int, str | None]:
-    """(limit, after_id, action). Raises ValidationFailed."""
-    unknown = set(request.query_params) - allowed
-    if unknown:
-        raise ValidationFailed(f"unknown query parameter: {sorted(unknown)[0]}")
-    action = request.query_params.get("action") or None
-    if action is not None and not action.replace("_", "").isalpha():
-        raise ValidationFailed("action must be an audit action name")
-    return (_query_int(request, "limit", 50, 1, 1000), _query_int(request, "after_id", 0, 0, 2**62), action)
 
 
 def boot_buckets(durations: list[int]) -> dict[str, object]:
@@ -79,12 +47,10 @@ async def list_products(_: AdminDep, fleet: FleetDep) -> JSON:
 
 
 @router.get("/products/{product_id}/engines")
-async def product_engines(_: AdminDep, request: Request, product_id: ProductIdDep, fleet: FleetDep,
-                          status: str | None = None, limit: int = 100, offset: int = 0) -> JSON:
+async def product_engines(_: AdminDep, product_id: ProductIdDep, fleet: FleetDep, page: PageQueryDep) -> JSON:
     """A product's engines, oldest first, without keys (`status`, `limit`, `offset` as GET /engines)."""
-    status, limit, offset = page_params(request)
     product = await fleet.get_product(product_id)
-    views, total = await fleet.engines(product.id, status, limit, offset)
+    views, total = await fleet.engines(product.id, page.status, page.limit, page.offset)
     return JSON({"engines": [engine_json(v, with_key=False) for v in views], "total": total})
 
 
@@ -105,31 +71,26 @@ async def product_metrics(_: AdminDep, product_id: ProductIdDep, fleet: FleetDep
     return JSON({**figures, "boot_ms": boot_buckets([r.duration_ms for r in rows if r.duration_ms is not None])})
 
 
-async def _events(fleet: FleetDep, product_id: str | None, request: Request, allowed: set[str]) -> JSON:
-    limit, after_id, action = _audit_query(request, allowed)
-    rows = await fleet.audit_events(product_id, limit, action, after_id)
+async def _events(fleet: FleetDep, product_id: str | None, query: AuditQuery) -> JSON:
+    rows = await fleet.audit_events(product_id, query.limit, query.action, query.after_id)
     return JSON({"events": [{"id": r.id, "timestamp": iso(r.timestamp), "product_id": r.product_id,
                              "user_id": r.user_id, "engine_id": r.engine_id, "action": r.action, "actor": r.actor,
                              "metadata": r.metadata, "duration_ms": r.duration_ms} for r in rows]})
 
 
 @router.get("/products/{product_id}/audit")
-async def product_audit(_: AdminDep, request: Request, product_id: ProductIdDep, fleet: FleetDep,
-                        limit: Annotated[int, Query(ge=1, le=1000)] = 50, after_id: int = 0,
-                        action: str | None = None) -> JSON:
+async def product_audit(_: AdminDep, product_id: ProductIdDep, fleet: FleetDep,
+                        query: Annotated[AuditQuery, Query()]) -> JSON:
     """A product's audit events, newest first; with `after_id`, the ones after it oldest first."""
     product = await fleet.get_product(product_id)
-    return await _events(fleet, product.id, request, {"limit", "after_id", "action"})
+    return await _events(fleet, product.id, query)
 
 
 @router.get("/audit")
-async def all_audit(_: AdminDep, request: Request, fleet: FleetDep, product_id: str | None = None,
-                    limit: Annotated[int, Query(ge=1, le=1000)] = 50, after_id: int = 0,
-                    action: str | None = None) -> JSON:
+async def all_audit(_: AdminDep, fleet: FleetDep, query: Annotated[AdminAuditQuery, Query()]) -> JSON:
     """Audit events of every product (or of `product_id`), for `bap-engine audit tail`."""
-    if product_id is not None:
-        product_id = (await fleet.get_product(_product_id(product_id))).id
-    return await _events(fleet, product_id, request, {"product_id", "limit", "after_id", "action"})
+    product_id = None if query.product_id is None else (await fleet.get_product(query.product_id)).id
+    return await _events(fleet, product_id, query)
 
 
 def _done(action: str, product_id: str, user_id: str, engine_id: str, status: str, url: str | None) -> JSON:
