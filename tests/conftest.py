@@ -155,9 +155,8 @@ class ResponseLog:
         path = response.request.url.path
         text = response.text
         self.responses.append((response.request.method, path, response.status_code, text))
-        if 200 <= response.status_code < 300 and response.headers.get("content-type", "").startswith(
-            "application/json"
-        ):
+        if 200 <= response.status_code < 300 and response.request.method != "HEAD" and response.headers.get(
+            "content-type", "").startswith("application/json"):  # a HEAD answer has the headers, not the body
             doc = response.json()
             if isinstance(doc, dict):
                 for name in ("platform_api_key", "api_key"):

@@ -6,6 +6,7 @@ never touched.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator
@@ -16,7 +17,7 @@ from asgi_lifespan import LifespanManager
 
 from bap_engine.app import create_app
 from bap_engine.config import Settings
-from tests.conftest import ResponseLog, assert_envelope, client_for, open_app, pk, register_product
+from tests.conftest import ResponseLog, assert_envelope, client_for, open_app, pk, register_product, wait_until
 
 
 def _with_database(dsn: str, name: str) -> str:
@@ -91,3 +92,39 @@ async def test_database_refusing_connections_is_service_unavailable(
             finally:
                 await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
                 await admin.close()
+
+
+async def test_a_task_failing_repeatedly_takes_the_replica_out_of_rotation(settings: Settings) -> None:
+    """/health names a supervised task that keeps failing (503), and is ok again once it recovers."""
+    healed = asyncio.Event()
+
+    async def flaky() -> None:
+        if not healed.is_set():
+            raise RuntimeError("cannot reach what I heal")
+        services.supervisor.ok("flaky-task")
+        await asyncio.Event().wait()
+
+    async with open_app(settings) as (app, client):
+        services = app.state.services
+        services.supervisor.start("flaky-task", flaky)
+        await wait_until(lambda: services.supervisor.failing() == ["flaky-task"], timeout=30)
+        r = await client.get("/health")
+        assert_envelope(r, 503, "SERVICE_UNAVAILABLE")
+        assert "flaky-task" in r.json()["error"]["message"]
+        healed.set()
+        await wait_until(lambda: services.supervisor.failing() == [], timeout=60)
+        assert (await client.get("/health")).json() == {"status": "ok"}
+
+
+async def test_a_timeout_is_not_reported_as_a_database_outage(settings: Settings, response_log: ResponseLog) -> None:
+    application = create_app(settings)
+
+    async def times_out() -> None:
+        raise TimeoutError("an engine took too long")
+
+    application.add_api_route("/_test/timeout", times_out)
+    async with LifespanManager(application), client_for(application, response_log,
+                                                         raise_app_exceptions=False) as client:
+        r = await client.get("/_test/timeout")
+        assert_envelope(r, 503, "SERVICE_UNAVAILABLE")
+        assert "database" not in r.json()["error"]["message"]

@@ -98,3 +98,37 @@ def test_backoff_sequence() -> None:
     for n in range(10):
         d = backoff_s(n, 5, 300)
         assert min(5 * 2**n, 300) <= d <= min(5 * 2**n, 300) * 1.1
+
+
+async def test_a_permanent_backend_error_gives_up_at_once(make_app: AppFactory, settings: Settings,
+                                                          pg_dsn: str) -> None:
+    """The engine program vanished (a bad command): one attempt, its reason audited, then gave up —
+    no restart attempts burnt on an error that cannot heal by itself."""
+    command, _ = flaky_engine_command(settings.data_dir)
+    async with make_app(engine_command=command, health_max_failures=1, restart_backoff_base_s=0.05,
+                        restart_max_attempts=5) as (app, client):
+        _, key = await register_product(client)
+        engine_id = str((await admit_new(client, key, "gone"))["engine_id"])
+        os.unlink(command)
+        os.kill(engine_pid(settings, engine_id), signal.SIGKILL)
+        worker = HealthWorker(lifecycle_of(app), app.state.settings)
+
+        async def gave_up() -> bool:
+            await worker.run_once()
+            await worker.wait_restarts()
+            return "auto_restart_gave_up" in await actions(pg_dsn, engine_id)
+
+        await wait_until(gave_up, timeout=30, interval=0.05)
+        trail = await actions(pg_dsn, engine_id)
+        assert trail.count("auto_restart_start") == 1 and trail.count("auto_restart_failed") == 1
+        conn = await asyncpg.connect(pg_dsn)
+        try:
+            failed, gave = [await conn.fetchval(
+                "SELECT metadata FROM audit_log WHERE engine_id = $1 AND action = $2", engine_id, action)
+                for action in ("auto_restart_failed", "auto_restart_gave_up")]
+        finally:
+            await conn.close()
+        assert "not found" in failed and "BACKEND_ERROR" in failed, failed
+        assert "permanent backend error" in gave, gave
+        assert (await client.get("/engines/gone", headers=pk(key))).json()["status"] == "failed"
+        assert (await client.delete("/engines/gone", headers=pk(key))).status_code == 200
