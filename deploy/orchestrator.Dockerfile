@@ -1,5 +1,6 @@
 # The bap-engine orchestrator (control plane), installed from source into /opt/venv.
-# Build with scripts/build-images.sh: it stages a small context (pyproject.toml, README.md, src/,
+# Build with scripts/build-images.sh: it stages a small context (pyproject.toml, README.md, LICENSE, src/,
+# clients/python/ (the bap-engine-client distribution),
 # requirements.txt = build requires + dependencies from pyproject.toml, and, when the host's pip uses
 # a custom CA bundle, that bundle as build-ca.crt). Dependencies come from
 # PyPI at build time. With a registry: --build-arg BASE_IMAGE=python:3.11-slim-bookworm
@@ -18,9 +19,10 @@ RUN if [ -s /build/build-ca.crt ]; then export PIP_CERT=/build/build-ca.crt; fi 
 FROM ${BASE_IMAGE}
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 COPY --from=deps /opt/venv /opt/venv
-COPY pyproject.toml README.md /build/
+COPY pyproject.toml README.md LICENSE /build/
 COPY src/ /build/src/
-RUN /opt/venv/bin/pip install --no-deps --no-build-isolation /build && rm -rf /build
+COPY clients/python/ /build/clients/python/
+RUN /opt/venv/bin/pip install --no-deps --no-build-isolation /build/clients/python /build && rm -rf /build
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PATH=/opt/venv/bin:$PATH \

@@ -90,11 +90,16 @@ build_python() {
 stage_context() {
     local ctx="$SCRATCH/context"
     mkdir -p "$ctx"
-    cp "$ROOT/pyproject.toml" "$ctx/"
+    cp "$ROOT/pyproject.toml" "$ROOT/LICENSE" "$ctx/"
     # The dependency layer keys on this list only, so editing [tool.*] in pyproject.toml keeps it cached.
-    python3 -c 'import sys, tomllib; d = tomllib.load(open(sys.argv[1], "rb"))
-print("\n".join(d["build-system"]["requires"] + d["project"]["dependencies"]))' \
-        "$ROOT/pyproject.toml" >"$ctx/requirements.txt"
+    # bap-engine-client is installed from clients/python (it is not on PyPI): its own dependencies are
+    # listed instead.
+    python3 -c 'import sys, tomllib; d = tomllib.load(open(sys.argv[1], "rb")); c = tomllib.load(open(sys.argv[2], "rb"))
+deps = [r for r in d["project"]["dependencies"] if not r.startswith("bap-engine-client")]
+print("\n".join(d["build-system"]["requires"] + deps + c["project"]["dependencies"]))' \
+        "$ROOT/pyproject.toml" "$ROOT/clients/python/pyproject.toml" >"$ctx/requirements.txt"
+    mkdir -p "$ctx/clients"
+    tar -C "$ROOT" --exclude=__pycache__ --exclude='*.pyc' --exclude='*.egg-info' -c clients/python | tar -C "$ctx" -xf -
     if [ -f "$ROOT/README.md" ]; then cp "$ROOT/README.md" "$ctx/"; else echo "# bap-engine" >"$ctx/README.md"; fi
     # pip inside the build must trust the same CAs as the host's pip (e.g. a TLS-intercepting egress proxy).
     local ca

@@ -18,6 +18,7 @@ import asyncpg
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
+from bap_engine import __version__
 from bap_engine.api.bodylimit import BodyLimit
 from bap_engine.api.deps import Services
 from bap_engine.api.errors import envelope, install_error_handlers
@@ -181,7 +182,7 @@ def create_app(settings: Settings | None = None, *, backend_factory: BackendFact
                 gc.freeze()  # start-up objects never die: keep them out of every later collection
                 yield {}
 
-    app = FastAPI(title="bap-engine", version="0.1.0", lifespan=lifespan, redirect_slashes=False,
+    app = FastAPI(title="bap-engine", version=__version__, lifespan=lifespan, redirect_slashes=False,
                   description="Control plane that runs one AI-agent engine per user.")
     app.state.settings = settings
     install_error_handlers(app)

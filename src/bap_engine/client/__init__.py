@@ -1,33 +1,35 @@
-"""Python client for bap-engine: what a product uses instead of hand-rolled HTTP.
+"""Python client for bap-engine, re-exported: the code lives in the `bap-engine-client` distribution.
 
-A standalone program: it imports nothing of the server (import-linter contract
-"standalone-programs"), only httpx.
+`bap_engine.client` is kept so that existing code keeps working; new code imports `bap_engine_client`
+(the same objects). The server depends on that distribution (`pip install -e ./clients/python`, done
+by `make install`). A standalone program: nothing of the server is imported here. Every public name
+of `bap_engine_client` but `__version__` is re-exported (tests/packaging checks both lists agree).
 
-    from bap_engine.client import BapClient, NotAdmitted, RateLimited
-
-    with BapClient("http://127.0.0.1:8000", platform_key=os.environ["BAP_PLATFORM_KEY"]) as bap:
-        adm = bap.admit("user-42")                     # auto_provision and auto_wake on by default
-        print(adm.url)                                  # the engine's URL; adm.api_key is its key
-        r = bap.call_engine("user-42", "POST", "/execute", json={"message": "hello"})
-        r.raise_for_status()                            # a rotated key is picked up by one re-admit
-        print(bap.status().by_status)                   # {"running": 1, "sleeping": 0, ...}
-
-`AsyncBapClient` has the same methods, awaitable. Errors: one class per API error code, all
-under `BapClientError`; 429 RATE_LIMITED, 409 ENGINE_BUSY and 503s are retried per `RetryPolicy`.
+    from bap_engine.client import BapClient, NotAdmitted, RateLimited   # == from bap_engine_client import ...
 """
 
-from bap_engine.client._async import AsyncBapClient
-from bap_engine.client._calls import DEFAULT_URL, RetryPolicy
-from bap_engine.client._errors import (
+from bap_engine_client import (
+    DEFAULT_URL,
+    ERRORS_BY_CODE,
+    Admission,
+    AsyncBapClient,
+    AuditEvent,
     BackendError,
+    BapClient,
     BapClientError,
+    BootBucket,
     BootTimeout,
     ConnectionFailed,
+    Engine,
+    EngineAction,
     EngineAlreadyExists,
     EngineAlreadyRunning,
     EngineBusy,
     EngineNotFound,
     EngineNotRunning,
+    EnginePage,
+    FleetMetrics,
+    FleetStatus,
     InternalError,
     InvalidAdminKey,
     InvalidPlatformKey,
@@ -37,30 +39,20 @@ from bap_engine.client._errors import (
     PayloadTooLarge,
     PolicyDenied,
     PortExhaustion,
+    Product,
     ProductNotFound,
     ProductSlugExists,
     QuotaExceeded,
     RateLimited,
+    RegisteredProduct,
+    RetryPolicy,
     RouteNotFound,
     ServiceUnavailable,
     ValidationError,
 )
-from bap_engine.client._models import (
-    Admission,
-    AuditEvent,
-    BootBucket,
-    Engine,
-    EngineAction,
-    EnginePage,
-    FleetMetrics,
-    FleetStatus,
-    Product,
-    RegisteredProduct,
-)
-from bap_engine.client._sync import BapClient
 
 __all__ = [
-    "BapClient", "AsyncBapClient", "RetryPolicy", "DEFAULT_URL",
+    "BapClient", "AsyncBapClient", "RetryPolicy", "DEFAULT_URL", "ERRORS_BY_CODE",
     "Engine", "Admission", "EngineAction", "EnginePage", "FleetStatus", "FleetMetrics", "BootBucket",
     "RegisteredProduct", "Product", "AuditEvent",
     "BapClientError", "ValidationError", "RouteNotFound", "MethodNotAllowed", "PayloadTooLarge",

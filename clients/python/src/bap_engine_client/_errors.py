@@ -31,6 +31,9 @@ Messages come from the server (which never puts a key in them) or from the clien
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
+
 import httpx
 
 __all__ = [
@@ -38,7 +41,7 @@ __all__ = [
     "InvalidPlatformKey", "InvalidAdminKey", "PolicyDenied", "ProductNotFound", "EngineNotFound",
     "ProductSlugExists", "EngineAlreadyExists", "EngineNotRunning", "EngineAlreadyRunning", "EngineBusy",
     "QuotaExceeded", "RateLimited", "InternalError", "BackendError", "PortExhaustion", "ServiceUnavailable",
-    "BootTimeout", "NotAdmitted", "MissingKey", "ConnectionFailed", "error_from_response",
+    "BootTimeout", "NotAdmitted", "MissingKey", "ConnectionFailed", "ERRORS_BY_CODE", "error_from_response",
 ]
 
 
@@ -208,14 +211,15 @@ class ConnectionFailed(BapClientError):
     code = "CONNECTION_ERROR"
 
 
-_BY_CODE: dict[str, type[BapClientError]] = {
+# The API's error codes and the class raised for each (read-only; tests compare it with the server's codes).
+ERRORS_BY_CODE: Mapping[str, type[BapClientError]] = MappingProxyType({
     cls.code: cls for cls in (
         ValidationError, RouteNotFound, MethodNotAllowed, PayloadTooLarge, InvalidPlatformKey, InvalidAdminKey,
         PolicyDenied, ProductNotFound, EngineNotFound, ProductSlugExists, EngineAlreadyExists, EngineNotRunning,
         EngineAlreadyRunning, EngineBusy, QuotaExceeded, RateLimited, InternalError, BackendError, PortExhaustion,
         ServiceUnavailable, BootTimeout,
     )
-}
+})
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -236,5 +240,5 @@ def error_from_response(response: httpx.Response) -> BapClientError:
     if isinstance(doc, dict) and isinstance(doc.get("error"), dict):
         code = str(doc["error"].get("code", code))
         message = str(doc["error"].get("message", message))
-    cls = _BY_CODE.get(code, BapClientError)
+    cls = ERRORS_BY_CODE.get(code, BapClientError)
     return cls(message, code=code, status=response.status_code, retry_after=_retry_after(response))

@@ -1,4 +1,10 @@
-"""`AsyncBapClient`: the asyncio client (httpx.AsyncClient). Mirrors `BapClient` method for method."""
+"""`AsyncBapClient`: the asyncio client (httpx.AsyncClient).
+
+The source of both clients: `_sync.py` (`BapClient`) is generated from this file by
+`scripts/gen_sync.py` (await and async dropped, Async names swapped for their sync twins), and a
+test fails when the committed `_sync.py` differs from the generator's output. Edit this file, then
+run `python clients/python/scripts/gen_sync.py`.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +15,10 @@ from typing import TypeVar
 
 import httpx
 
-from bap_engine.client import _calls as c
-from bap_engine.client._calls import DEFAULT_URL, Call, Keys, RetryPolicy, engine_url, key_rejected
-from bap_engine.client._errors import BapClientError, ConnectionFailed, error_from_response
-from bap_engine.client._models import (
+from bap_engine_client import _calls as c
+from bap_engine_client._calls import DEFAULT_URL, USER_AGENT, Call, Keys, RetryPolicy, engine_url, key_rejected
+from bap_engine_client._errors import BapClientError, ConnectionFailed, error_from_response
+from bap_engine_client._models import (
     Admission,
     AuditEvent,
     Engine,
@@ -45,9 +51,10 @@ class AsyncBapClient:
         self.base_url = base_url.rstrip("/")
         self._keys = Keys(platform_key, admin_key)
         self._retry = retry or RetryPolicy()
-        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout, transport=transport,
-                                  headers={"User-Agent": "bap-engine-client"})
-        self._engines = httpx.AsyncClient(timeout=engine_timeout, headers={"User-Agent": "bap-engine-client"})
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url, timeout=timeout, transport=transport, headers={"User-Agent": USER_AGENT}
+        )
+        self._engines = httpx.AsyncClient(timeout=engine_timeout, headers={"User-Agent": USER_AGENT})
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -66,13 +73,15 @@ class AsyncBapClient:
         attempt = 0
         while True:
             try:
-                response = await self._http.request(call.method, call.path, json=call.json, params=call.params,
-                                              headers=headers)
+                response = await self._http.request(
+                    call.method, call.path, json=call.json, params=call.params, headers=headers
+                )
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as err:
                 error: BapClientError = ConnectionFailed(f"cannot reach {self.base_url}: {type(err).__name__}")
             except httpx.TransportError as err:
-                raise ConnectionFailed(f"{call.method} {call.path}: {type(err).__name__}",
-                                       code="TRANSPORT_ERROR") from None
+                raise ConnectionFailed(
+                    f"{call.method} {call.path}: {type(err).__name__}", code="TRANSPORT_ERROR"
+                ) from None
             else:
                 if response.is_success:
                     return call.parse(response.json() if response.content else {})
@@ -124,7 +133,7 @@ class AsyncBapClient:
         offset = 0
         while True:
             page = await self.list_engines(status, page_size, offset)
-            for engine in page.engines:
+            for engine in page.engines:  # noqa: UP028 (an async generator cannot `yield from`)
                 yield engine
             offset += len(page.engines)
             if not page.engines or offset >= page.total:
@@ -149,17 +158,19 @@ class AsyncBapClient:
         for last in (False, True):
             engine = adm.require()
             assert engine.url is not None and engine.api_key is not None
-            response = await self._engines.request(method, engine_url(engine.url, path), json=json, params=params,
-                                             content=content, headers={**(headers or {}),
-                                                                       "X-Engine-Key": engine.api_key})
+            response = await self._engines.request(
+                method, engine_url(engine.url, path), json=json, params=params, content=content,
+                headers={**(headers or {}), "X-Engine-Key": engine.api_key},
+            )
             if last or not key_rejected(response):
                 return response
             adm = await self.admit(user_id, auto_provision, auto_wake)
         raise AssertionError("unreachable")
 
     # --- admin calls ---------------------------------------------------------------------------------
-    async def register_product(self, slug: str, display_name: str,
-                         policy: Mapping[str, object] | None = None) -> RegisteredProduct:
+    async def register_product(
+        self, slug: str, display_name: str, policy: Mapping[str, object] | None = None
+    ) -> RegisteredProduct:
         """Register a product; its platform key is in the result, shown once (ProductSlugExists)."""
         return await self._run(c.register_product(slug, display_name, policy))
 
@@ -170,8 +181,9 @@ class AsyncBapClient:
     async def products(self) -> list[Product]:
         return await self._run(c.products())
 
-    async def product_engines(self, product_id: str, status: str | None = None, limit: int = 100,
-                        offset: int = 0) -> EnginePage:
+    async def product_engines(
+        self, product_id: str, status: str | None = None, limit: int = 100, offset: int = 0
+    ) -> EnginePage:
         return await self._run(c.product_engines(product_id, status, limit, offset))
 
     async def product_engine(self, product_id: str, user_id: str) -> Engine:
@@ -181,8 +193,9 @@ class AsyncBapClient:
     async def product_metrics(self, product_id: str) -> FleetMetrics:
         return await self._run(c.product_metrics(product_id))
 
-    async def audit(self, product_id: str | None = None, limit: int = 50, after_id: int = 0,
-              action: str | None = None) -> list[AuditEvent]:
+    async def audit(
+        self, product_id: str | None = None, limit: int = 50, after_id: int = 0, action: str | None = None
+    ) -> list[AuditEvent]:
         """Newest first; with `after_id`, the events after it oldest first (for tailing)."""
         return await self._run(c.audit(product_id, limit, after_id, action))
 

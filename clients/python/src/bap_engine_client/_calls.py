@@ -11,8 +11,8 @@ from urllib.parse import quote
 
 import httpx
 
-from bap_engine.client._errors import BapClientError, MissingKey
-from bap_engine.client._models import (
+from bap_engine_client._errors import BapClientError, MissingKey
+from bap_engine_client._models import (
     Admission,
     AuditEvent,
     Engine,
@@ -25,12 +25,15 @@ from bap_engine.client._models import (
     RegisteredProduct,
 )
 
-__all__ = ["Call", "RetryPolicy", "Keys", "key_rejected", "engine_url", "DEFAULT_URL", "STALE_KEY_CODES"]
+__all__ = [
+    "Call", "RetryPolicy", "Keys", "key_rejected", "engine_url", "DEFAULT_URL", "USER_AGENT", "STALE_KEY_CODES",
+]
 
 T = TypeVar("T")
 Auth = Literal["platform", "admin", "none"]
 Params = Mapping[str, str | int]
 DEFAULT_URL = "http://127.0.0.1:8000"
+USER_AGENT = "bap-engine-client"
 STALE_KEY_CODES = frozenset({"INVALID_KEY", "KEY_ROTATION_PENDING"})
 
 

@@ -1,4 +1,9 @@
-"""`BapClient`: the synchronous client (httpx.Client). Mirrors `AsyncBapClient` method for method."""
+# GENERATED from _async.py by clients/python/scripts/gen_sync.py: do not edit by hand.
+"""`BapClient`: the synchronous client (httpx.Client), method for method `AsyncBapClient`.
+
+Generated from `_async.py` by `scripts/gen_sync.py`: edit `_async.py`, then run
+`python clients/python/scripts/gen_sync.py` (a test fails when this file is stale).
+"""
 
 from __future__ import annotations
 
@@ -9,10 +14,10 @@ from typing import TypeVar
 
 import httpx
 
-from bap_engine.client import _calls as c
-from bap_engine.client._calls import DEFAULT_URL, Call, Keys, RetryPolicy, engine_url, key_rejected
-from bap_engine.client._errors import BapClientError, ConnectionFailed, error_from_response
-from bap_engine.client._models import (
+from bap_engine_client import _calls as c
+from bap_engine_client._calls import DEFAULT_URL, USER_AGENT, Call, Keys, RetryPolicy, engine_url, key_rejected
+from bap_engine_client._errors import BapClientError, ConnectionFailed, error_from_response
+from bap_engine_client._models import (
     Admission,
     AuditEvent,
     Engine,
@@ -45,9 +50,10 @@ class BapClient:
         self.base_url = base_url.rstrip("/")
         self._keys = Keys(platform_key, admin_key)
         self._retry = retry or RetryPolicy()
-        self._http = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport,
-                                  headers={"User-Agent": "bap-engine-client"})
-        self._engines = httpx.Client(timeout=engine_timeout, headers={"User-Agent": "bap-engine-client"})
+        self._http = httpx.Client(
+            base_url=self.base_url, timeout=timeout, transport=transport, headers={"User-Agent": USER_AGENT}
+        )
+        self._engines = httpx.Client(timeout=engine_timeout, headers={"User-Agent": USER_AGENT})
 
     def close(self) -> None:
         self._http.close()
@@ -56,7 +62,9 @@ class BapClient:
     def __enter__(self) -> BapClient:
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
     def _run(self, call: Call[T]) -> T:
@@ -64,13 +72,15 @@ class BapClient:
         attempt = 0
         while True:
             try:
-                response = self._http.request(call.method, call.path, json=call.json, params=call.params,
-                                              headers=headers)
+                response = self._http.request(
+                    call.method, call.path, json=call.json, params=call.params, headers=headers
+                )
             except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as err:
                 error: BapClientError = ConnectionFailed(f"cannot reach {self.base_url}: {type(err).__name__}")
             except httpx.TransportError as err:
-                raise ConnectionFailed(f"{call.method} {call.path}: {type(err).__name__}",
-                                       code="TRANSPORT_ERROR") from None
+                raise ConnectionFailed(
+                    f"{call.method} {call.path}: {type(err).__name__}", code="TRANSPORT_ERROR"
+                ) from None
             else:
                 if response.is_success:
                     return call.parse(response.json() if response.content else {})
@@ -122,7 +132,8 @@ class BapClient:
         offset = 0
         while True:
             page = self.list_engines(status, page_size, offset)
-            yield from page.engines
+            for engine in page.engines:  # noqa: UP028 (an async generator cannot `yield from`)
+                yield engine
             offset += len(page.engines)
             if not page.engines or offset >= page.total:
                 return
@@ -146,17 +157,19 @@ class BapClient:
         for last in (False, True):
             engine = adm.require()
             assert engine.url is not None and engine.api_key is not None
-            response = self._engines.request(method, engine_url(engine.url, path), json=json, params=params,
-                                             content=content, headers={**(headers or {}),
-                                                                       "X-Engine-Key": engine.api_key})
+            response = self._engines.request(
+                method, engine_url(engine.url, path), json=json, params=params, content=content,
+                headers={**(headers or {}), "X-Engine-Key": engine.api_key},
+            )
             if last or not key_rejected(response):
                 return response
             adm = self.admit(user_id, auto_provision, auto_wake)
         raise AssertionError("unreachable")
 
     # --- admin calls ---------------------------------------------------------------------------------
-    def register_product(self, slug: str, display_name: str,
-                         policy: Mapping[str, object] | None = None) -> RegisteredProduct:
+    def register_product(
+        self, slug: str, display_name: str, policy: Mapping[str, object] | None = None
+    ) -> RegisteredProduct:
         """Register a product; its platform key is in the result, shown once (ProductSlugExists)."""
         return self._run(c.register_product(slug, display_name, policy))
 
@@ -167,8 +180,9 @@ class BapClient:
     def products(self) -> list[Product]:
         return self._run(c.products())
 
-    def product_engines(self, product_id: str, status: str | None = None, limit: int = 100,
-                        offset: int = 0) -> EnginePage:
+    def product_engines(
+        self, product_id: str, status: str | None = None, limit: int = 100, offset: int = 0
+    ) -> EnginePage:
         return self._run(c.product_engines(product_id, status, limit, offset))
 
     def product_engine(self, product_id: str, user_id: str) -> Engine:
@@ -178,8 +192,9 @@ class BapClient:
     def product_metrics(self, product_id: str) -> FleetMetrics:
         return self._run(c.product_metrics(product_id))
 
-    def audit(self, product_id: str | None = None, limit: int = 50, after_id: int = 0,
-              action: str | None = None) -> list[AuditEvent]:
+    def audit(
+        self, product_id: str | None = None, limit: int = 50, after_id: int = 0, action: str | None = None
+    ) -> list[AuditEvent]:
         """Newest first; with `after_id`, the events after it oldest first (for tailing)."""
         return self._run(c.audit(product_id, limit, after_id, action))
 

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from bap_engine.client._errors import BapClientError, NotAdmitted
+from bap_engine_client._errors import BapClientError, NotAdmitted
 
 __all__ = [
     "Engine", "Admission", "EngineAction", "EnginePage", "FleetStatus", "FleetMetrics", "BootBucket",

@@ -1,0 +1,1 @@
+"""Tests of the documentation site (docs/, mkdocs.yml, scripts/gen_docs.py)."""

@@ -1,0 +1,1 @@
+"""Packaging tests: the client distribution, the generated sync client, and the built server dists."""
