@@ -94,3 +94,10 @@ def test_nothing_refers_outside_the_repository() -> None:
     for target in re.findall(r"\]\(([^)#\s]+)", _text("README.md")):
         if "://" not in target:
             assert (ROOT / target).exists(), f"README.md links to {target}, which is not in the repository"
+
+
+def test_typescript_client_types_come_from_the_same_document() -> None:
+    """The TypeScript client's types are generated from this document: a stale copy fails here."""
+    ours = json.loads((ROOT / "docs" / "reference" / "openapi.json").read_text())
+    theirs = json.loads((ROOT / "clients" / "typescript" / "openapi.json").read_text())
+    assert theirs == ours, "run `make docs`, then `npm run gen` in clients/typescript"
