@@ -1,4 +1,9 @@
-"""The server-side commands: `bap-engine serve | migrate | products register`."""
+"""The server-side commands: `bap-engine serve | migrate | doctor | products register`.
+
+The commands over HTTP are in remote.py and engines.py, the checks of `doctor` in doctor.py and
+checks.py. Exit codes: 0 ok, 1 an error of the server or the database, 2 usage (a bad flag, an
+invalid ORCH_* setting); `doctor` exits 1 when a check fails.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,8 @@ from typing import Annotated
 
 import typer
 
+from bap_engine.cli.common import EXIT_USAGE, AsJson, Url
+from bap_engine.cli.doctor import doctor
 from bap_engine.cli.remote import register_ops, register_remote
 from bap_engine.client import DEFAULT_URL
 from bap_engine.config import ConfigError, Settings, ensure_secrets, load_settings
@@ -25,7 +32,7 @@ def _settings(**overrides: object) -> Settings:
         return ensure_secrets(load_settings(**{k: v for k, v in overrides.items() if v is not None}))
     except ConfigError as err:
         typer.echo(f"bap-engine: {err}", err=True)
-        raise typer.Exit(2) from None
+        raise typer.Exit(EXIT_USAGE) from None
 
 
 @app.command()
@@ -56,20 +63,20 @@ def serve(
 
 
 @app.command()
-def migrate() -> None:
+def migrate(as_json: AsJson = False) -> None:
     """Apply database migrations (alembic upgrade head)."""
     from bap_engine.app import database
+    from bap_engine.db import migrate as m
 
     settings = _settings()
 
     async def run() -> None:
-        from bap_engine.db import migrate as m
-
         async with database(settings) as dsn:
             await m.upgrade(dsn)
 
     asyncio.run(run())
-    typer.echo("migrations applied")
+    head = m.head_revision()
+    typer.echo(json.dumps({"migrated": True, "head": head}) if as_json else f"migrations applied (head {head})")
 
 
 @products_app.command("register")
@@ -79,19 +86,22 @@ def register(
     policy: Annotated[str, typer.Option(help="policy JSON")] = "{}",
     remote: Annotated[bool, typer.Option("--remote", help="register through a running server (BAP_URL, "
                                                          "BAP_ADMIN_KEY) instead of the database")] = False,
-    url: Annotated[str, typer.Option("--url", envvar="BAP_URL", help="server URL, with --remote")] = DEFAULT_URL,
+    url: Url = DEFAULT_URL,
     admin_key: Annotated[str | None, typer.Option("--admin-key", envvar="BAP_ADMIN_KEY", show_default=False,
                                                   help="admin key, with --remote")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="accepted for symmetry: the output is always JSON")] = False,
 ) -> None:
-    """Register a product and print its platform key (shown once)."""
+    """Register a product and print its platform key (shown once), as JSON."""
     from bap_engine.app import register_product
     from bap_engine.errors import BapError
 
     try:
         doc = json.loads(policy)
     except json.JSONDecodeError:
-        typer.echo("bap-engine: --policy is not valid JSON", err=True)
-        raise typer.Exit(2) from None
+        doc = None
+    if not isinstance(doc, dict):
+        typer.echo("bap-engine: --policy is not a JSON object", err=True)
+        raise typer.Exit(EXIT_USAGE)
     if remote:
         register_remote(url, admin_key, slug, display_name, doc)
         return
@@ -105,6 +115,7 @@ def register(
 
 
 register_ops(app, products_app)  # engines, status, audit, products list|policy (over HTTP, via the client)
+app.command("doctor")(doctor)
 
 
 def main() -> None:
@@ -112,4 +123,4 @@ def main() -> None:
         app()
     except ConfigError as err:
         print(f"bap-engine: {err}", file=sys.stderr)  # noqa: T201
-        sys.exit(2)
+        sys.exit(EXIT_USAGE)

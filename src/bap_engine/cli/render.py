@@ -1,0 +1,193 @@
+"""How the CLI shows results: rich tables that fit an 80-column terminal, and JSON for scripts.
+
+Narrow by default: ids cut to their first 8 characters, times to the date or the second, images to
+their last path part, the columns that matter first and the slug before the id. `--wide` shows every
+value in full. Cells are `Text` (never markup: a user id may hold "[") and fold instead of being cut
+into "…", so an unusually long value wraps onto another line rather than losing characters.
+`--json` prints one JSON document (the same values, always in full) on stdout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+
+import typer
+from rich.console import Console
+from rich.measure import Measurement
+from rich.table import Table
+from rich.text import Text
+
+from bap_engine.client import AuditEvent, Engine, FleetMetrics, FleetStatus, Product
+
+__all__ = ["STATES", "SHORT_ID", "out", "err", "show", "plain", "emit_json", "emit_json_line", "short_id", "when",
+           "engine_table", "engine_detail", "product_table", "fleet_tables", "audit_grid"]
+
+STATES = ("provisioning", "running", "sleeping", "stopped", "failed", "destroying")
+SHORT_ID = 8
+
+
+def out() -> Console:
+    """stdout; its width is the terminal's, COLUMNS when set, else 80."""
+    return Console(highlight=False)
+
+
+def err() -> Console:
+    return Console(stderr=True, highlight=False)
+
+
+def _print(console: Console, table: Table) -> None:
+    with console.capture() as captured:
+        console.print(table)
+    typer.echo("\n".join(line.rstrip() for line in captured.get().splitlines()))  # no padding at line ends
+
+
+def show(*tables: Table, wide: bool = False) -> None:
+    """Print tables on stdout: fitted to the terminal, or with `wide` as wide as their content
+    (never wrapped: a wide table is for a wide terminal, a pager or a file)."""
+    console = out()
+    for table in tables:
+        needed = Measurement.get(console, console.options.update(max_width=10_000), table).maximum
+        _print(Console(highlight=False, width=needed) if wide and needed > console.width else console, table)
+
+
+def plain(value: object) -> object:
+    """A result as JSON-ready values (dataclasses as objects, datetimes as ISO 8601 with Z)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, datetime):
+        return value.isoformat().replace("+00:00", "Z")
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): plain(v) for k, v in value.items()}
+    return value
+
+
+def emit_json(value: object) -> None:
+    """One JSON document on stdout."""
+    typer.echo(json.dumps(plain(value), indent=2, sort_keys=True))
+
+
+def emit_json_line(value: object) -> None:
+    """One JSON document on one line (what --follow prints per event)."""
+    typer.echo(json.dumps(plain(value), sort_keys=True))
+
+
+def short_id(value: str | None, wide: bool) -> str:
+    if not value:
+        return "-"
+    return value if wide else value[:SHORT_ID]
+
+
+def when(value: datetime | None, wide: bool, *, seconds: bool = False) -> str:
+    """UTC: the date (or date and time with `seconds`) when narrow, ISO 8601 when wide."""
+    if value is None:
+        return "-"
+    if wide:
+        return str(plain(value))
+    return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S" if seconds else "%Y-%m-%d")
+
+
+def _image(version: str | None, wide: bool) -> str:
+    if not version:
+        return "-"
+    return version if wide else version.rsplit("/", 1)[-1]
+
+
+def _table(title: str | None, columns: Sequence[str], *, fixed: Sequence[str] = (),
+           right: Sequence[str] = ()) -> Table:
+    """No borders (2 spaces between columns), upper-case headers; `fixed` columns never wrap."""
+    table = Table(title=title, box=None, title_justify="left", title_style="bold", header_style="bold",
+                  pad_edge=False)
+    for name in columns:
+        table.add_column(name.upper(), no_wrap=name in fixed, overflow="fold",
+                         justify="right" if name in right else "left")
+    return table
+
+
+def _row(table: Table, *cells: str) -> None:
+    table.add_row(*(Text(c) for c in cells))
+
+
+def engine_table(engines: Sequence[Engine], title: str, wide: bool) -> Table:
+    """user, status, url, version, created; --wide adds the last health check and the engine id."""
+    cols = ["user", "status", "url", "version", "created"] + (["last health", "id"] if wide else [])
+    table = _table(title, cols, fixed=("status", "url", "created", "id"))
+    for e in engines:
+        cells = [e.user_id, e.status, e.url or "-", _image(e.engine_version, wide), when(e.created_at, wide)]
+        if wide:
+            cells += [when(e.last_health_at, wide), e.engine_id]
+        _row(table, *cells)
+    return table
+
+
+def engine_detail(doc: Mapping[str, object], key_shown: str) -> Table:
+    """One engine, a field per line, every value in full."""
+    table = _table(None, ["field", "value"], fixed=("field",))
+    table.show_header = False
+    for k, v in doc.items():
+        _row(table, k, key_shown if k == "api_key" else str(v if v is not None else "-"))
+    return table
+
+
+def _engines_cell(p: Product) -> str:
+    counts = [f"{p.by_status[s]} {s}" for s in STATES if p.by_status.get(s)]
+    return f"{p.total} ({', '.join(counts)})" if counts else str(p.total)
+
+
+def product_table(products: Sequence[Product], wide: bool) -> Table:
+    if not wide:
+        table = _table(f"{len(products)} products", ["slug", "name", "engines", "id"], fixed=("id",))
+        for p in products:
+            _row(table, p.slug, p.display_name, _engines_cell(p), short_id(p.product_id, False))
+        return table
+    table = _table(f"{len(products)} products", ["slug", "name", "total", *STATES, "created", "id"],
+                   fixed=("id",), right=("total", *STATES))
+    for p in products:
+        _row(table, p.slug, p.display_name, str(p.total), *(str(p.by_status.get(s, 0)) for s in STATES),
+             when(p.created_at, True), p.product_id)
+    return table
+
+
+def fleet_tables(fleet: FleetStatus, figures: FleetMetrics) -> tuple[Table, Table]:
+    """The product's engines by state, and the last hour's figures."""
+    states = _table(f"fleet: {fleet.total} engines, health {fleet.health}", STATES, right=STATES)
+    _row(states, *(str(fleet.by_status.get(s, 0)) for s in STATES))
+    cols = ("provisions", "crashes", "restarts", "avg boot ms", "unhealthy")
+    hour = _table("last hour", cols, right=cols)
+    avg = "-" if figures.avg_boot_ms is None else f"{figures.avg_boot_ms:.0f}"
+    _row(hour, str(figures.provisions_1h), str(figures.crashes_1h), str(figures.restarts_1h), avg,
+         str(fleet.unhealthy_count))
+    return states, hour
+
+
+def _meta(metadata: Mapping[str, object]) -> str:
+    return " ".join(f"{k}={v if isinstance(v, str) else json.dumps(v, sort_keys=True)}"
+                    for k, v in sorted(metadata.items()))
+
+
+def _event_text(e: AuditEvent, wide: bool) -> str:
+    parts = [e.action]
+    if e.user_id:
+        parts.append(e.user_id)
+    parts.append(f"by {e.actor}")
+    if e.duration_ms is not None:
+        parts.append(f"{e.duration_ms}ms")
+    if e.metadata:
+        parts.append(_meta(e.metadata))
+    if wide:
+        parts += [f"#{e.id}", f"product={e.product_id or '-'}", f"engine={e.engine_id or '-'}"]
+    return " ".join(parts)
+
+
+def audit_grid(events: Sequence[AuditEvent], wide: bool) -> Table:
+    """One event per row: its time, then what happened (wrapped under itself, never cut)."""
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(no_wrap=True)
+    grid.add_column(overflow="fold")
+    for e in events:
+        grid.add_row(Text(when(e.timestamp, wide, seconds=True)), Text(_event_text(e, wide)))
+    return grid
