@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from rich.cells import cell_len
 from typer.testing import CliRunner, Result
 
 from bap_engine.cli import app, render
@@ -41,10 +42,12 @@ def run(server: OpsServer, *args: str, platform_key: str | None = None, admin: b
 
 
 def assert_fits_80(result: Result, *, own_ellipses: bool = False) -> None:
-    """No line over 80 characters, no "…" (unless a value shown holds one: `own_ellipses`)."""
+    """No line wider than 80 cells, no "…" (unless a value shown holds one: `own_ellipses`), no
+    control character (values from the API, e.g. a fuzzed product name, are made safe)."""
     assert result.exit_code == 0, result.output
     assert own_ellipses or "…" not in result.stdout, result.stdout
-    too_long = [line for line in result.stdout.splitlines() if len(line) > 80]
+    assert not any(c in result.stdout for c in map(chr, [*range(0x20), *range(0x7F, 0xA0)]) if c != "\n")
+    too_long = [line for line in result.stdout.splitlines() if cell_len(line) > 80]
     assert too_long == [], result.stdout
 
 

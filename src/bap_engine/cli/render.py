@@ -108,8 +108,18 @@ def _table(title: str | None, columns: Sequence[str], *, fixed: Sequence[str] = 
     return table
 
 
+# C0/C1 controls (and DEL) from API values must not reach the terminal: they could move the cursor
+# or hide text. They are shown as U+FFFD.
+_CONTROLS = dict.fromkeys([*range(0x00, 0x20), *range(0x7F, 0xA0)], "\ufffd")
+
+
+def safe(value: str) -> str:
+    """A value fit for a terminal cell (controls replaced)."""
+    return value.translate(_CONTROLS)
+
+
 def _row(table: Table, *cells: str) -> None:
-    table.add_row(*(Text(c) for c in cells))
+    table.add_row(*(Text(safe(c)) for c in cells))
 
 
 def engine_table(engines: Sequence[Engine], title: str, wide: bool) -> Table:
@@ -189,5 +199,5 @@ def audit_grid(events: Sequence[AuditEvent], wide: bool) -> Table:
     grid.add_column(no_wrap=True)
     grid.add_column(overflow="fold")
     for e in events:
-        grid.add_row(Text(when(e.timestamp, wide, seconds=True)), Text(_event_text(e, wide)))
+        grid.add_row(Text(when(e.timestamp, wide, seconds=True)), Text(safe(_event_text(e, wide))))
     return grid
