@@ -195,7 +195,6 @@ class Transitions:
 
     def __init__(self, pool: asyncpg.Pool, owner_id: int, op_ttl_s: float) -> None:
         self.pool = pool
-        self._pool = pool
         self.owner_id = owner_id
         self.op_ttl_s = op_ttl_s
         self._dangling: dict[str, str] = {}  # engine id → op whose end could not be written
@@ -219,7 +218,7 @@ class Transitions:
 
     async def claim(self, engine_id: str, op: str) -> Claim | None:
         """Claim an engine by id; None when another live op holds it (or it is gone)."""
-        async with self._pool.acquire() as conn:
+        async with self.pool.acquire() as conn:
             row = await registry.claim_op(conn, engine_id, op, self.owner_id, self.op_ttl_s)
         if row is None:
             return None
@@ -228,7 +227,7 @@ class Transitions:
 
     async def claim_user(self, product_id: str, user_id: str, op: str) -> Claim:
         """Claim a product's user's engine. Raises EngineNotFound, EngineBusy."""
-        async with self._pool.acquire() as conn:
+        async with self.pool.acquire() as conn:
             row = await registry.get_engine(conn, product_id, user_id)
             if row is None:
                 raise EngineNotFound()
