@@ -284,6 +284,7 @@ _SETTINGS: dict[str, tuple[str, bool, str]] = {
                                "working", True, ""),
     "workers_enabled": ("Take part in the leader election that runs the workers (health, idle, reconcile)", True, ""),
     "activity_flush_s": ("How often admit activity and coalesced `admit_denied` rows are written", True, ""),
+    "events_keepalive_s": ("Longest silence on a `GET /events` stream before a `: keep-alive` comment", True, ""),
 }
 _BOUNDS = ((annotated_types.Ge, "ge", "≥"), (annotated_types.Gt, "gt", ">"), (annotated_types.Le, "le", "≤"),
            (annotated_types.Lt, "lt", "<"))

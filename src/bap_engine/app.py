@@ -25,12 +25,16 @@ from bap_engine.api.errors import envelope, install_error_handlers
 from bap_engine.api.fastpath import AdmitFastPath
 from bap_engine.api.metrics import MeteredDiscovery
 from bap_engine.api.routes import admin, engines, fleet, health
+from bap_engine.api.routes import events as events_routes
+from bap_engine.api.routes import usage as usage_routes
+from bap_engine.api.routes import webhooks as webhook_routes
 from bap_engine.api.wiring import attach_metrics, install_ops
 from bap_engine.backends.base import BackendError, EngineBackend
 from bap_engine.config import Settings, ensure_secrets, load_settings
 from bap_engine.db import migrate
 from bap_engine.db.embedded import embedded_postgres
 from bap_engine.db.pool import create_pool
+from bap_engine.events import EventHub
 from bap_engine.fleet import Fleet
 from bap_engine.keys import KeySealer
 from bap_engine.lifecycle import Lifecycle
@@ -38,7 +42,10 @@ from bap_engine.lifecycle.owner import OwnerLock
 from bap_engine.logs import register_secrets
 from bap_engine.policy import RateLimiter
 from bap_engine.supervisor import Supervisor
+from bap_engine.webhooks import Webhooks
 from bap_engine.workers.leader import run_workers
+from bap_engine.workers.pool import PoolWorker
+from bap_engine.workers.webhooks import WebhookWorker
 
 __all__ = ["create_app", "build_services", "build_backend", "BackendFactory", "engine_env", "database",
            "register_product"]
@@ -131,6 +138,19 @@ async def build_services(settings: Settings, backend_factory: BackendFactory | N
                 return False
 
         services = Services(lifecycle, discovery, Fleet(pool, settings.admin_key), ready, supervisor, dsn)
+        hub = EventHub(pool, dsn)  # one per process: GET /events and the webhook worker read it
+        await hub.start()
+        services.events = hub
+        supervisor.start("events-listener", hub.run)
+
+        async def _close_events() -> None:
+            await supervisor.stop("events-listener", grace_s=0)  # it only ever ends by cancellation
+            await hub.aclose()  # ends every open stream
+
+        stack.push_async_callback(_close_events)
+        services.workers.append(lambda: PoolWorker(lifecycle, settings))
+        services.webhooks = webhooks = Webhooks(pool, KeySealer(settings.master_key), settings.deployment)
+        services.workers.append(lambda: WebhookWorker(webhooks, hub, supervisor))  # delivery, on the leader
         stop = asyncio.Event()
         supervisor.start("activity-flusher", lambda: discovery.run_flusher(settings.activity_flush_s, stop))
 
@@ -176,7 +196,8 @@ def create_app(settings: Settings | None = None, *, backend_factory: BackendFact
         async with build_services(settings, backend_factory) as services:
             app.state.services = services
             attach_metrics(app, services)
-            async with run_workers(services.dsn, services.lifecycle, settings, services.supervisor) as leadership:
+            async with run_workers(services.dsn, services.lifecycle, settings, services.supervisor,
+                                   services.workers) as leadership:
                 services.leadership = leadership
                 gc.collect()
                 gc.freeze()  # start-up objects never die: keep them out of every later collection
@@ -195,7 +216,7 @@ def create_app(settings: Settings | None = None, *, backend_factory: BackendFact
     app.add_exception_handler(TimeoutError, _timed_out)  # more specific than OSError: found first
     app.add_middleware(AdmitFastPath)  # inside the body limit and the request log
     app.add_middleware(BodyLimit, max_body=MAX_BODY)
-    for module in (health, engines, fleet, admin):
+    for module in (health, engines, fleet, admin, usage_routes, events_routes, webhook_routes):
         app.include_router(module.router)
     install_ops(app)  # request log (outermost), Prometheus, admin ops and dashboard routes, OpenAPI
     return app

@@ -16,7 +16,7 @@ from bap_engine.states import AuditAction
 
 __all__ = [
     "AuditRow", "Denial", "ActionTotal", "AuditTotals", "COUNTED_ACTIONS", "write", "write_many", "add_denials",
-    "metrics", "recent", "totals",
+    "metrics", "recent", "totals", "page", "state_seconds",
 ]
 
 
@@ -31,6 +31,7 @@ class AuditRow:
     actor: str
     metadata: dict[str, object]
     duration_ms: int | None
+    state: str | None = None  # the state the engine entered with this row ('gone': its row went)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,23 +68,24 @@ class AuditTotals:
 
 
 _INSERT = (
-    "INSERT INTO audit_log (product_id, user_id, engine_id, action, actor, metadata, duration_ms) "
-    "VALUES ($1, $2, $3, $4, $5, $6, $7)"
+    "INSERT INTO audit_log (product_id, user_id, engine_id, action, actor, metadata, duration_ms, state) "
+    "VALUES ($1, $2, $3, $4, $5, $6, $7, $8)"
 )
 
 
 async def write(
     conn: asyncpg.Connection, action: AuditAction, *, product_id: str | None = None,
     user_id: str | None = None, engine_id: str | None = None, actor: str = "system",
-    metadata: dict[str, object] | None = None, duration_ms: int | None = None,
+    metadata: dict[str, object] | None = None, duration_ms: int | None = None, state: str | None = None,
 ) -> None:
-    await conn.execute(_INSERT, product_id, user_id, engine_id, str(action), actor, metadata or {}, duration_ms)
+    await conn.execute(_INSERT, product_id, user_id, engine_id, str(action), actor, metadata or {}, duration_ms,
+                       state)
 
 
 async def write_many(conn: asyncpg.Connection, rows: Sequence[tuple[object, ...]]) -> None:
     """Rows as (product_id, user_id, engine_id, action, actor, metadata, duration_ms)."""
     if rows:
-        await conn.executemany(_INSERT, [(r[0], r[1], r[2], str(r[3]), *r[4:]) for r in rows])
+        await conn.executemany(_INSERT, [(r[0], r[1], r[2], str(r[3]), *r[4:7], None) for r in rows])
 
 
 async def add_denials(conn: asyncpg.Connection, denials: Sequence[Denial]) -> None:
@@ -131,7 +133,7 @@ async def recent(
     """Newest first (or, with after_id, the rows after it oldest first, for tailing)."""
     order = "ASC" if after_id else "DESC"
     rows = await conn.fetch(
-        "SELECT id, timestamp, product_id, user_id, engine_id, action, actor, metadata, duration_ms "
+        "SELECT id, timestamp, product_id, user_id, engine_id, action, actor, metadata, duration_ms, state "
         "FROM audit_log WHERE ($1::uuid IS NULL OR product_id = $1) AND ($2::text IS NULL OR action = $2) "
         f"AND id > $3 ORDER BY id {order} LIMIT $4",
         product_id, action, after_id, limit,
@@ -157,3 +159,41 @@ async def totals(conn: asyncpg.Connection, bounds_ms: Sequence[int]) -> AuditTot
                            tuple(int(r[f"b{i}"]) for i in range(len(bounds_ms))), int(r["dn"]),
                            int(r["sum_ms"])) for r in rows]
     return AuditTotals(actions, [(r["product_id"], str(r["reason"]), int(r["n"])) for r in denied])
+
+
+async def page(
+    conn: asyncpg.Connection, product_id: str, limit: int, *, before_id: int | None = None,
+    user_id: str | None = None, engine_id: str | None = None, action: str | None = None,
+    since: datetime | None = None, until: datetime | None = None,
+) -> list[AuditRow]:
+    """A product's rows newest first, keyset on id: those with id < before_id (the last id of the
+    previous page), in [since, until). Only the filters given are in the SQL, so the planner walks
+    (product_id, user_id, id), (product_id, engine_id, id) or (product_id, id) backwards from the
+    cursor and stops after `limit` rows; action and the times filter what that walk reads."""
+    where: list[str] = ["product_id = $1"]
+    args: list[object] = [product_id]
+    for cond, arg in (("user_id = ${}", user_id), ("engine_id = ${}::uuid", engine_id), ("action = ${}", action),
+                      ("timestamp >= ${}", since), ("timestamp < ${}", until), ("id < ${}", before_id)):
+        if arg is not None:
+            args.append(arg)
+            where.append(cond.format(len(args)))
+    args.append(limit)
+    rows = await conn.fetch(
+        "SELECT id, timestamp, product_id, user_id, engine_id, action, actor, metadata, duration_ms, state "
+        f"FROM audit_log WHERE {' AND '.join(where)} ORDER BY id DESC LIMIT ${len(args)}",
+        *args,
+    )
+    return [AuditRow(**dict(r)) for r in rows]
+
+
+async def state_seconds(conn: asyncpg.Connection) -> list[tuple[str, str, float]]:
+    """(product id, state, seconds) engines (never pool ones) spent in each state: the closed
+    intervals of `state_seconds` (kept by a trigger on engines, see migration 0004) plus the open
+    ones of live engines, read in one statement (one snapshot, one now())."""
+    rows = await conn.fetch(
+        "SELECT product_id::text AS product_id, state, sum(seconds)::float8 AS seconds FROM ("
+        "SELECT product_id, state, seconds FROM state_seconds UNION ALL "
+        "SELECT product_id, status, greatest(extract(epoch FROM now() - state_since), 0) FROM engines WHERE NOT pool"
+        ") s GROUP BY 1, 2"
+    )
+    return [(r["product_id"], r["state"], float(r["seconds"])) for r in rows]

@@ -73,6 +73,7 @@ class Settings(BaseSettings):
     key_rotation_overlap_s: int = Field(default=300, ge=0, le=86400)
     workers_enabled: bool = True  # [ext] run the leader election and workers in this process
     activity_flush_s: float = Field(default=2.0, gt=0)
+    events_keepalive_s: float = Field(default=15, gt=0)  # a `: keep-alive` comment on a quiet GET /events
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

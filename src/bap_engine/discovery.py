@@ -70,7 +70,7 @@ class Discovery:
         if brief is not None and brief.status == S.RUNNING:  # the common case: answer from the lookup
             engine = EngineView(brief.id, found.product_id, user_id, str(brief.status), brief.url,
                                 self._lifecycle.open_key(brief.engine_key_enc), brief.engine_version,
-                                brief.created_at, brief.last_health_at)
+                                brief.created_at, brief.last_health_at, brief.idle_sleep)
             self._activity[brief.id] = datetime.now(UTC)
             return Admission(True, engine)
         try:

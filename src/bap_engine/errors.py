@@ -10,6 +10,7 @@ Bottom layer: imports nothing of the project. HTTP statuses live in `api/errors.
     ├── PolicyDenied              POLICY_DENIED
     ├── ProductNotFound           PRODUCT_NOT_FOUND
     ├── EngineNotFound            ENGINE_NOT_FOUND
+    ├── WebhookNotFound           WEBHOOK_NOT_FOUND
     ├── ProductSlugExists         PRODUCT_SLUG_EXISTS
     ├── EngineAlreadyExists       ENGINE_ALREADY_EXISTS
     ├── EngineNotRunning          ENGINE_NOT_RUNNING
@@ -37,6 +38,7 @@ __all__ = [
     "PolicyDenied",
     "ProductNotFound",
     "EngineNotFound",
+    "WebhookNotFound",
     "ProductSlugExists",
     "EngineAlreadyExists",
     "EngineNotRunning",
@@ -110,6 +112,13 @@ class EngineNotFound(BapError):
 
     code = "ENGINE_NOT_FOUND"
     default_message = "engine not found"
+
+
+class WebhookNotFound(BapError):
+    """The product has no webhook."""
+
+    code = "WEBHOOK_NOT_FOUND"
+    default_message = "webhook not found"
 
 
 class ProductSlugExists(BapError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hmac
 import uuid
 from collections.abc import Sequence
+from datetime import datetime
 
 import asyncpg
 
@@ -103,11 +104,12 @@ class Fleet:
     async def status(self, product_id: str) -> dict[str, object]:
         async with self._pool.acquire() as conn:
             counts = await registry.count_by_status(conn, product_id)
+            warm = await registry.count_warm(conn, product_id)
         by_status = {**_all_states(), **counts}
         total = sum(by_status.values())
         failed = by_status[EngineState.FAILED]
         return {"total": total, "by_status": by_status, "health": health_of(total, failed),
-                "unhealthy_count": failed}
+                "unhealthy_count": failed, "warm": warm}
 
     async def metrics(self, product_id: str) -> dict[str, object]:
         async with self._pool.acquire() as conn:
@@ -118,6 +120,23 @@ class Fleet:
     ) -> list[AuditRow]:
         async with self._pool.acquire() as conn:
             return await audit.recent(conn, product_id, limit, action, after_id)
+
+    async def audit_page(
+        self, product_id: str, limit: int, *, before_id: int | None = None, user_id: str | None = None,
+        engine_id: str | None = None, action: str | None = None, since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> tuple[list[AuditRow], int | None]:
+        """One page of a product's audit rows, newest first, and the id to continue before (None on the
+        last page: one row more than `limit` is read to know)."""
+        async with self._pool.acquire() as conn:
+            rows = await audit.page(conn, product_id, limit + 1, before_id=before_id, user_id=user_id,
+                                    engine_id=engine_id, action=action, since=since, until=until)
+        return rows[:limit], rows[limit - 1].id if len(rows) > limit else None
+
+    async def state_seconds(self) -> list[tuple[str, str, float]]:
+        """(product id, state, seconds) spent in each state by the non-pool engines, closed and open."""
+        async with self._pool.acquire() as conn:
+            return await audit.state_seconds(conn)
 
     async def count_by_product_status(self) -> list[tuple[str, str, int]]:
         async with self._pool.acquire() as conn:

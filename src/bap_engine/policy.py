@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import asyncpg
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from bap_engine.errors import RateLimited, ValidationFailed
 
@@ -35,16 +35,7 @@ class Policy(BaseModel):
     rate_limit_rpm: int | None = Field(default=None, ge=1, le=_INT4_MAX)
     engine_version: str | None = Field(default=None, min_length=1, max_length=200,
                                        pattern=r"^[^\x00-\x1f\x7f]+$")  # NUL cannot be stored
-    # documented as at most 0 (the API's OpenAPI document uses this schema) while the validator below refuses more
-    warm_pool: int | None = Field(default=None, ge=0, le=100, json_schema_extra={"maximum": 0})
-
-    @field_validator("warm_pool")
-    @classmethod
-    def _no_warm_pool_yet(cls, value: int | None) -> int | None:
-        # Accepting a pool size and then not keeping one would be a silent lie to the product.
-        if value:
-            raise ValueError("warm pools are not implemented yet: only 0 is accepted")
-        return value
+    warm_pool: int | None = Field(default=None, ge=0, le=100)  # booted, unassigned engines kept ready
 
 
 def parse_policy(raw: object) -> Policy:

@@ -22,7 +22,11 @@ __all__ = [
     "update_engine", "delete_engine", "list_engines", "count_by_status", "engines_in_states",
     "touch_activity", "count_by_product_status", "all_engines", "record_health_ok", "bump_health_failures",
     "due_restarts", "stale_ops", "update_claimed", "delete_claimed", "expire_op", "OWNER_GRACE_S",
+    "POOL_USER_PREFIX", "claim_pool_engine", "pool_engines", "products_with_pool", "count_warm",
 ]
+
+# A warm-pool engine's user_id: no real user id can start with "_" (spec's user_id pattern).
+POOL_USER_PREFIX = "_pool."
 
 _PORT_LOCK = 7_415_003  # serialises port choice across processes
 
@@ -62,6 +66,10 @@ class EngineRow:
     op_deadline: datetime | None
     pending_key_enc: str | None = None  # a rotation in flight (sealed)
     deployment: str = "default"
+    pool: bool = False  # a warm-pool engine, not yet bound to a user
+    idle_sleep: str = "auto"  # "never" exempts the engine from idle sleep
+    busy: bool = False  # the last probe said the engine works
+    state_since: datetime | None = None
 
 
 _PRODUCT_COLS = "id, slug, display_name, policy, created_at"
@@ -134,6 +142,7 @@ class EngineBrief:
     engine_key_enc: str
     created_at: datetime
     last_health_at: datetime | None
+    idle_sleep: str = "auto"
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,7 +158,7 @@ async def admit_lookup(conn: asyncpg.Connection, key_hash: str, user_id: str) ->
     only the columns admit needs, ids cast server-side)."""
     r = await conn.fetchrow(
         "SELECT p.id::text AS p_id, p.slug, p.policy::text AS policy, e.id::text AS e_id, e.status, e.url, "
-        "e.engine_version, e.engine_key_enc, e.created_at, e.last_health_at FROM products p "
+        "e.engine_version, e.engine_key_enc, e.created_at, e.last_health_at, e.idle_sleep FROM products p "
         "LEFT JOIN engines e ON e.product_id = p.id AND e.user_id = $2 WHERE p.api_key_hash = $1",
         key_hash, user_id,
     )
@@ -158,7 +167,7 @@ async def admit_lookup(conn: asyncpg.Connection, key_hash: str, user_id: str) ->
     engine = None
     if r["e_id"] is not None:
         engine = EngineBrief(r["e_id"], EngineState(r["status"]), r["url"], r["engine_version"],
-                             r["engine_key_enc"], r["created_at"], r["last_health_at"])
+                             r["engine_key_enc"], r["created_at"], r["last_health_at"], r["idle_sleep"])
     return AdmitLookup(r["p_id"], r["slug"], r["policy"], engine)
 
 
@@ -174,16 +183,16 @@ async def get_engine_by_id(conn: asyncpg.Connection, engine_id: str) -> EngineRo
 async def insert_engine(
     conn: asyncpg.Connection, *, id: str, product_id: str, user_id: str, port: int, url: str,
     engine_version: str, api_key_hash: str, engine_key_enc: str, op_owner: int, op_ttl_s: float,
-    deployment: str = "default",
+    deployment: str = "default", pool: bool = False, op: str = "provision",
 ) -> EngineRow | None:
-    """Insert a `provisioning` row holding the provision op; None if the user has one."""
+    """Insert a `provisioning` row holding `op`; None if the user has one."""
     r = await conn.fetchrow(
         f"INSERT INTO engines (id, product_id, user_id, status, port, url, engine_version, api_key_hash, "
-        f"engine_key_enc, op, op_owner, op_deadline, deployment) VALUES ($1,$2,$3,'provisioning',$4,$5,$6,$7,$8,"
-        f"'provision',$9, now() + make_interval(secs => $10), $11) "
+        f"engine_key_enc, op, op_owner, op_deadline, deployment, pool) VALUES ($1,$2,$3,'provisioning',$4,$5,$6,"
+        f"$7,$8,$13,$9, now() + make_interval(secs => $10), $11, $12) "
         f"ON CONFLICT (product_id, user_id) DO NOTHING RETURNING {_ENGINE_COLS}",
         id, product_id, user_id, port, url, engine_version, api_key_hash, engine_key_enc, op_owner, op_ttl_s,
-        deployment,
+        deployment, pool, op,
     )
     return _engine(r)
 
@@ -271,8 +280,9 @@ async def delete_engine(conn: asyncpg.Connection, engine_id: str) -> None:
 async def list_engines(
     conn: asyncpg.Connection, product_id: str, status: str | None, limit: int, offset: int
 ) -> tuple[list[EngineRow], int]:
+    """A product's users' engines (never its warm pool), oldest first, and their total."""
     rows = await conn.fetch(
-        f"SELECT {_ENGINE_COLS}, count(*) OVER () AS total FROM engines WHERE product_id = $1 "
+        f"SELECT {_ENGINE_COLS}, count(*) OVER () AS total FROM engines WHERE product_id = $1 AND NOT pool "
         f"AND ($2::text IS NULL OR status = $2) ORDER BY created_at, id LIMIT $3 OFFSET $4",
         product_id, status, limit, offset,
     )
@@ -280,7 +290,7 @@ async def list_engines(
         total = int(rows[0]["total"])
     else:
         total = int(await conn.fetchval(
-            "SELECT count(*) FROM engines WHERE product_id = $1 AND ($2::text IS NULL OR status = $2)",
+            "SELECT count(*) FROM engines WHERE product_id = $1 AND NOT pool AND ($2::text IS NULL OR status = $2)",
             product_id, status,
         ))
     engines = [_engine({k: v for k, v in r.items() if k != "total"}) for r in rows]
@@ -288,13 +298,13 @@ async def list_engines(
 
 
 async def count_by_status(conn: asyncpg.Connection, product_id: str) -> dict[str, int]:
-    rows = await conn.fetch("SELECT status, count(*) AS n FROM engines WHERE product_id = $1 GROUP BY status",
-                            product_id)
+    rows = await conn.fetch("SELECT status, count(*) AS n FROM engines WHERE product_id = $1 AND NOT pool "
+                            "GROUP BY status", product_id)
     return {r["status"]: int(r["n"]) for r in rows}
 
 
 async def count_by_product_status(conn: asyncpg.Connection) -> list[tuple[str, str, int]]:
-    rows = await conn.fetch("SELECT product_id, status, count(*) AS n FROM engines GROUP BY 1, 2")
+    rows = await conn.fetch("SELECT product_id, status, count(*) AS n FROM engines WHERE NOT pool GROUP BY 1, 2")
     return [(r["product_id"], r["status"], int(r["n"])) for r in rows]
 
 
@@ -358,3 +368,40 @@ async def stale_ops(conn: asyncpg.Connection, deployment: str) -> list[EngineRow
         deployment,
     )
     return [e for e in map(_engine, rows) if e is not None]
+
+
+async def count_warm(conn: asyncpg.Connection, product_id: str) -> int:
+    """Pool engines ready to be claimed."""
+    return int(await conn.fetchval("SELECT count(*) FROM engines WHERE product_id = $1 AND pool "
+                                   "AND status = 'running' AND op IS NULL", product_id))
+
+
+async def claim_pool_engine(
+    conn: asyncpg.Connection, product_id: str, deployment: str, user_id: str, engine_version: str,
+    pending_key_enc: str, owner: int, op: str, ttl_s: float,
+) -> EngineRow | None:
+    """Bind a ready pool engine to the user in one statement, holding `op` with the user's new key
+    pending (so a crash before the key is pushed is finished by the reconciler). Concurrent claims
+    skip each other's locked rows: no engine is ever bound twice. None when the pool is empty."""
+    r = await conn.fetchrow(
+        f"UPDATE engines SET user_id = $2, pool = false, pending_key_enc = $4, op = $5, op_owner = $6, "
+        f"op_deadline = now() + make_interval(secs => $7), updated_at = now() "
+        f"WHERE id = (SELECT id FROM engines WHERE product_id = $1 AND pool AND status = 'running' "
+        f"AND op IS NULL AND engine_version = $3 AND deployment = $8 ORDER BY created_at, id LIMIT 1 "
+        f"FOR UPDATE SKIP LOCKED) RETURNING {_ENGINE_COLS}",
+        product_id, user_id, engine_version, pending_key_enc, op, owner, ttl_s, deployment,
+    )
+    return _engine(r)
+
+
+async def pool_engines(conn: asyncpg.Connection, deployment: str) -> list[EngineRow]:
+    rows = await conn.fetch(f"SELECT {_ENGINE_COLS} FROM engines WHERE deployment = $1 AND pool "
+                            f"ORDER BY created_at, id", deployment)
+    return [e for e in map(_engine, rows) if e is not None]
+
+
+async def products_with_pool(conn: asyncpg.Connection) -> list[ProductRow]:
+    """Products whose policy asks for a warm pool."""
+    rows = await conn.fetch(f"SELECT {_PRODUCT_COLS} FROM products "
+                            f"WHERE jsonb_typeof(policy->'warm_pool') = 'number' AND (policy->>'warm_pool')::int > 0")
+    return [p for p in map(_product, rows) if p is not None]

@@ -35,6 +35,9 @@ class AuditAction(enum.StrEnum):
     POLICY_UPDATE = "policy_update"
     ADMIT_DENIED = "admit_denied"
     RECONCILE = "reconcile"
+    POOL_FILL = "pool_fill"
+    POOL_CLAIM = "pool_claim"
+    SETTINGS_UPDATE = "settings_update"
 
 
 S = EngineState

@@ -73,6 +73,10 @@ class Supervisor:
             delay = min(self._base * 2 ** max(0, status.consecutive - 1), self._max)
             await asyncio.sleep(delay)
 
+    def expect_stop(self, *names: str) -> None:
+        """These tasks are about to be told to return (their stop event set next): a return is no failure."""
+        self._stopping.update(names)
+
     async def stop(self, name: str, grace_s: float = 5.0) -> None:
         """End one eternal task (a worker loop when leadership ends): give it `grace_s` to return
         by itself (its stop event is set by the caller), then cancel it."""

@@ -13,7 +13,8 @@ from bap_engine.config import Settings
 from tests.conftest import ADMIN_KEY, engine_dir, pk, pool_of, register_product, unique_slug
 
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?Z$")
-ENGINE_KEYS = {"engine_id", "user_id", "status", "url", "api_key", "engine_version", "created_at", "last_health_at"}
+ENGINE_KEYS = {"engine_id", "user_id", "status", "url", "api_key", "engine_version", "created_at", "last_health_at",
+               "idle_sleep"}
 STATES = {"provisioning", "running", "sleeping", "stopped", "failed", "destroying"}
 
 
@@ -161,7 +162,7 @@ async def test_status_and_metrics_shapes_for_an_empty_product(client: httpx.Asyn
     r = await client.get("/status", headers=pk(key))
     assert r.status_code == 200
     assert r.json() == {"total": 0, "by_status": dict.fromkeys(sorted(STATES), 0), "health": "ok",
-                        "unhealthy_count": 0}
+                        "unhealthy_count": 0, "warm": 0}
     assert set(r.json()["by_status"]) == STATES
     r = await client.get("/metrics", headers=pk(key))
     assert r.status_code == 200

@@ -59,7 +59,7 @@ async def test_status_health_verdicts(client: httpx.AsyncClient, app: FastAPI, s
         r = await client.get("/status", headers=pk(key))
         assert r.status_code == 200
         doc: dict[str, Any] = r.json()
-        assert set(doc) == {"total", "by_status", "health", "unhealthy_count"}
+        assert set(doc) == {"total", "by_status", "health", "unhealthy_count", "warm"}
         assert isinstance(doc["by_status"], dict) and sorted(doc["by_status"]) == sorted(STATES)
         return doc
 

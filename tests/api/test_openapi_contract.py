@@ -84,11 +84,14 @@ def test_keys_are_security_schemes_applied_per_route(doc: dict[str, Any]) -> Non
             assert "security" not in op, (method, path)
             continue
         schemes = {name for requirement in op["security"] for name in requirement}
-        expected = ({"PlatformKey"} if path.startswith(("/engines", "/status")) or path == "/metrics"
+        expected = ({"PlatformKey"} if path.startswith(("/engines", "/status")) or path in (
+                        "/metrics", "/usage", "/events")
+                    else {"AdminKey", "PlatformKey"} if path == "/audit"
                     else {"AdminBearer"} if path == "/metrics/prometheus" else {"AdminKey"})
         assert schemes == expected, (method, path, schemes)
-        key_error = "INVALID_PLATFORM_KEY" if expected == {"PlatformKey"} else "INVALID_ADMIN_KEY"
-        assert key_error in op["responses"]["401"]["description"], (method, path)
+        for key_error in ({"INVALID_PLATFORM_KEY"} if "PlatformKey" in expected else set()) | (
+                {"INVALID_ADMIN_KEY"} if expected - {"PlatformKey"} else set()):
+            assert key_error in op["responses"]["401"]["description"], (method, path)
         assert "SERVICE_UNAVAILABLE" in op["responses"]["503"]["description"], (method, path)  # database down
 
 
@@ -108,9 +111,9 @@ def test_every_status_is_documented_in_the_envelope(doc: dict[str, Any]) -> None
 
 
 def test_a_concrete_path_documents_what_a_template_serves_there(doc: dict[str, Any]) -> None:
-    # GET/DELETE /engines/provision are the user named `provision` (GET/DELETE /engines/{user_id})
+    # GET/DELETE/PATCH /engines/provision are the user named `provision` (the same on /engines/{user_id})
     provision = doc["paths"]["/engines/provision"]
-    assert set(provision) == {"post", "get", "delete"}
+    assert set(provision) == {"post", "get", "delete", "patch"}
     assert provision["get"]["responses"] == doc["paths"]["/engines/{user_id}"]["get"]["responses"]
     assert all(p["in"] != "path" for p in provision["get"].get("parameters", []))
     ids = [op["operationId"] for _, _, op in _operations(doc)]

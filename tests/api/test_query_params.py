@@ -80,6 +80,6 @@ async def test_integral_numbers_in_a_policy(client: httpx.AsyncClient, product: 
                          json={"policy": {"max_engines": 5.0, "rate_limit_rpm": 60}})
     assert r.status_code == 200 and r.json() == {"policy": {"max_engines": 5, "rate_limit_rpm": 60}}, r.text
     assert isinstance(r.json()["policy"]["max_engines"], int)
-    for policy in ({"max_engines": 5.5}, {"max_engines": True}, {"max_engines": "5"}, {"warm_pool": 1.0}):
+    for policy in ({"max_engines": 5.5}, {"max_engines": True}, {"max_engines": "5"}, {"warm_pool": 1.5}):
         r = await client.put(f"/products/{product_id}/policy", headers=ADMIN, json={"policy": policy})
         assert_envelope(r, 400, "VALIDATION_ERROR")

@@ -65,11 +65,12 @@ StartServer = Callable[..., Server]
 
 @pytest.fixture
 def start_server(settings: Settings, tmp_path: Path) -> Iterator[StartServer]:
-    """start_server(**ORCH_overrides) → a running `bap-engine serve` on the test database."""
+    """start_server(**ORCH_overrides) → a running `bap-engine serve` on the test database
+    (`ready=False`: do not wait for it to answer, for a server meant to die while starting)."""
     servers: list[Server] = []
     exe = shutil.which("bap-engine") or str(Path(os.sys.executable).with_name("bap-engine"))  # type: ignore[attr-defined]
 
-    def start(**overrides: object) -> Server:
+    def start(*, ready: bool = True, **overrides: object) -> Server:
         port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("ORCH_")}
         base = {
@@ -87,7 +88,8 @@ def start_server(settings: Settings, tmp_path: Path) -> Iterator[StartServer]:
                                     stdin=subprocess.DEVNULL)
         server = Server(proc, f"http://127.0.0.1:{port}", log)
         servers.append(server)
-        wait_ready(server.url, proc, log=log)
+        if ready:
+            wait_ready(server.url, proc, log=log)
         return server
 
     yield start

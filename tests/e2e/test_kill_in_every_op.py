@@ -26,6 +26,7 @@ from tests.e2e.conftest import Server, StartServer
 from tests.e2e.test_crash_safety import engine_pids
 
 OPS = ["sleep", "wake", "start", "stop", "rotate_key", "destroy"]  # sleep first: its idle worker sleeps everything
+POOL_OPS = ["pool_fill", "pool_claim"]  # the warm pool's worker booting one; a new user claiming one
 POINTS = ["claimed", "commit"]
 
 
@@ -34,10 +35,10 @@ def _headers(key: str) -> dict[str, str]:
 
 
 def _crashing(start_server: StartServer, monkeypatch: pytest.MonkeyPatch, point: str, op: str,
-              **overrides: object) -> Server:
+              ready: bool = True, **overrides: object) -> Server:
     monkeypatch.setenv("BAP_CRASH_AT", f"{point}:{op}")
-    try:
-        return start_server(reconcile_interval_s=3600, **overrides)  # no repair by the crashing one
+    try:  # no repair by the crashing one
+        return start_server(ready=ready, reconcile_interval_s=3600, **overrides)
     finally:
         monkeypatch.delenv("BAP_CRASH_AT")
 
@@ -82,6 +83,20 @@ def _interrupt(start_server: StartServer, monkeypatch: pytest.MonkeyPatch, key: 
     _crashed(server)
 
 
+def _interrupt_pool(start_server: StartServer, monkeypatch: pytest.MonkeyPatch, key: str, point: str,
+                    op: str) -> None:
+    """The server's pool worker fills the pool (and dies there, for pool_fill); for pool_claim, a
+    new user's admit claims the warm engine and the server dies there."""
+    server = _crashing(start_server, monkeypatch, point, op, ready=op != "pool_fill")  # fills as it starts
+    if op == "pool_claim":
+        deadline = time.monotonic() + 30
+        while httpx.get(f"{server.url}/status", headers=_headers(key)).json()["warm"] < 1:
+            assert time.monotonic() < deadline, "the pool was not filled"
+            time.sleep(0.1)
+        _call(server, "POST", f"/engines/{op}-{point}".replace("_", "-") + "/admit", key, {"auto_provision": True})
+    _crashed(server)
+
+
 def _wait_sleeping(server: Server, key: str, user: str, timeout: float = 20) -> None:
     deadline = time.monotonic() + timeout
     while httpx.get(f"{server.url}/engines/{user}", headers=_headers(key)).json()["status"] != "sleeping":
@@ -112,25 +127,37 @@ async def test_kill9_inside_every_op_converges(start_server: StartServer, settin
     r = httpx.post(f"{first.url}/products/register", headers={"X-Admin-Key": ADMIN_KEY},
                    json={"slug": f"kill-{os.urandom(5).hex()}", "display_name": "Kill"})
     key = str(r.json()["platform_api_key"])
+    r = httpx.post(f"{first.url}/products/register", headers={"X-Admin-Key": ADMIN_KEY},
+                   json={"slug": f"kill-pool-{os.urandom(5).hex()}", "display_name": "Kill pool"})
+    pool_product, pool_key = str(r.json()["product_id"]), str(r.json()["platform_api_key"])
     first.proc.terminate()
     first.proc.wait(20)
     for op in OPS:
         for point in POINTS:
             _interrupt(start_server, monkeypatch, key, point, op)
+    conn = await asyncpg.connect(pg_dsn)
+    try:  # the pool is asked for only now, so the other ops' servers never filled it
+        await conn.execute("UPDATE products SET policy = '{\"warm_pool\": 1}' WHERE id = $1", pool_product)
+    finally:
+        await conn.close()
+    for op in POOL_OPS:
+        for point in POINTS:
+            _interrupt_pool(start_server, monkeypatch, pool_key, point, op)
 
     survivor = start_server(reconcile_interval_s=1, health_check_interval_s=1)
     conn = await asyncpg.connect(pg_dsn)
     try:
         await wait_until(lambda: _converged(conn, settings), timeout=90, interval=0.5)
-        rows = await conn.fetch("SELECT user_id, status, api_key_hash FROM engines WHERE deployment = $1",
-                                settings.deployment)
+        rows = await conn.fetch("SELECT user_id, status, api_key_hash, product_id::text AS product FROM engines "
+                                "WHERE deployment = $1 AND NOT pool", settings.deployment)
     finally:
         await conn.close()
     by_user = {r["user_id"]: r for r in rows}
     assert "destroy-commit" not in by_user  # the destroy had begun: it was finished
-    async with httpx.AsyncClient(base_url=survivor.url, headers=_headers(key), timeout=10) as client:
+    keys = {pool_product: pool_key}
+    async with httpx.AsyncClient(base_url=survivor.url, timeout=10) as client:
         for user, row in by_user.items():
-            got = (await client.get(f"/engines/{user}")).json()
+            got = (await client.get(f"/engines/{user}", headers=_headers(keys.get(row["product"], key)))).json()
             assert got["status"] == row["status"], (user, got)
             if row["status"] == "running":
                 assert hashlib.sha256(got["api_key"].encode()).hexdigest() == row["api_key_hash"]

@@ -49,6 +49,9 @@ def st_command(server: Server, platform_key: str, config: Path) -> list[str]:
         # one worker: requests on one product's engines are serialised anyway (ENGINE_BUSY otherwise)
         "--workers", "1", "--request-timeout", "30",
         "--generation-database", "none",  # nothing kept between runs, nothing written in the tree
+        # GET /events is an endless text/event-stream: with the valid platform key every phase would wait on
+        # it for good (its keep-alive comments reset the read timeout); tests/api/test_events.py covers it
+        "--exclude-path", "/events",
         "-H", f"X-Admin-Key: {ADMIN_KEY}", "-H", f"X-Platform-Key: {platform_key}",
         "-H", f"Authorization: Bearer {ADMIN_KEY}",
     ]
@@ -57,10 +60,16 @@ def st_command(server: Server, platform_key: str, config: Path) -> list[str]:
 
 def write_config(path: Path, decoy_product_id: str) -> Path:
     """schemathesis.toml: PUT /products/{product_id}/policy only ever targets the decoy product."""
+    # GET /usage refuses since >= until and windows over 400 days, GET /audit a parameter of the other
+    # key's form (the fuzzer sends both keys: the admin one wins): 400s no schema can state
+    cross_field = '"2xx", "3xx", "400", "401", "403", "404", "409", "429", "5xx"'
     path.write_text(
         "[[operations]]\n"
         'include-path = "/products/{product_id}/policy"\n'
         f'parameters = {{ product_id = "{decoy_product_id}" }}\n'
+        + "".join(f'\n[[operations]]\ninclude-path = "{p}"\n'
+                  f"checks.positive_data_acceptance.expected-statuses = [{cross_field}]\n"
+                  for p in ("/usage", "/audit"))
     )
     return path
 
@@ -111,7 +120,10 @@ async def test_schemathesis_finds_nothing(
     start_server: StartServer, settings: Settings, pg_dsn: str, tmp_path: Path  # noqa: F811
 ) -> None:
     async with throwaway_database(pg_dsn) as dsn:
-        server = start_server(database_url=dsn)
+        # no workers: the fuzzer registers products asking for warm pools of up to 100 engines, which a
+        # leader would boot until the 40 ports are gone, and a documented 503 PORT_EXHAUSTION counts as
+        # a server error to schemathesis. The pool worker has its own tests (tests/workers/test_pool.py).
+        server = start_server(database_url=dsn, workers_enabled=False)
         try:
             product_id, key, decoy_id = await prepare(server.url)
             command = st_command(server, key, write_config(tmp_path / "schemathesis.toml", decoy_id))

@@ -182,3 +182,35 @@ async def test_labelled_engine_without_row_is_removed(backend_name: str, setting
         later = ReconcileWorker(lc, app.state.settings, clock=lambda: now() + timedelta(seconds=900))
         assert await later.run_once() == 1
         assert (await lc.backend.inspect(orphan)).state == ObservedState.ABSENT
+
+
+@pytest.mark.parametrize("backend_name", ["subprocess", "docker", "kubernetes"])
+async def test_warm_pool_claim(backend_name: str, settings: Settings, tmp_path: Path) -> None:
+    """A pool engine booted by the worker is handed to a new user with the user's own key, the
+    pool key refused at once, its data the user's; emptying the pool destroys the rest."""
+    from bap_engine.workers.pool import PoolWorker
+
+    async with running_app(backend_name, settings, tmp_path) as (app, client, support):
+        lc = _lc(app)
+        product_id, key = await register_product(client, {"warm_pool": 1})
+        worker = PoolWorker(lc, app.state.settings)
+        assert await worker.run_once() == 1
+        assert (await client.get("/status", headers=pk(key))).json()["warm"] == 1
+        async with lc.pool.acquire() as conn:
+            pool_id = await conn.fetchval("SELECT id::text FROM engines WHERE product_id = $1 AND pool", product_id)
+        pool_key = lc.key_of(await _row(lc, pool_id))
+        r = await client.post("/engines/warm-user/admit", json={"auto_provision": True}, headers=pk(key))
+        engine = r.json()["engine"]
+        assert engine["engine_id"] == pool_id and engine["user_id"] == "warm-user"
+        assert await _engine_call(engine, "hello") == ["hello", "echo: hello"]
+        async with httpx.AsyncClient(timeout=30) as c:
+            stale = await c.get(f"{engine['url']}/history", headers={"X-Engine-Key": pool_key})
+        assert stale.status_code == 401
+        assert await worker.run_once() == 1  # refilled
+        r = await client.put(f"/products/{product_id}/policy", json={"policy": {}},
+                             headers={"X-Admin-Key": str(settings.admin_key)})
+        assert r.status_code == 200
+        assert await worker.run_once() == 1  # the new pool engine destroyed
+        async with lc.pool.acquire() as conn:
+            assert await conn.fetchval("SELECT count(*) FROM engines WHERE product_id = $1 AND pool", product_id) == 0
+        assert (await client.delete("/engines/warm-user", headers=pk(key))).status_code == 200

@@ -50,7 +50,7 @@ class OpsProduct:
     platform_key: str
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")  # its leader must not act on the products of tests outside tests/ops
 async def ops_server(pg_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[OpsServer]:
     data_dir = tmp_path_factory.mktemp("ops-server")
     port_min, port_max = next_port_range()

@@ -62,11 +62,14 @@ async def test_admin_errors(client: httpx.AsyncClient) -> None:
     product_id, key = await register_product(client)
     base = f"/products/{product_id}"
     for method, path in [("GET", "/products"), ("GET", f"{base}/engines"), ("GET", f"{base}/engines/u"),
-                         ("GET", f"{base}/metrics"), ("GET", f"{base}/audit"), ("GET", "/audit"),
+                         ("GET", f"{base}/metrics"), ("GET", f"{base}/audit"),
                          ("POST", f"{base}/engines/u/stop"), ("POST", f"{base}/engines/u/start"),
                          ("POST", f"{base}/engines/u/rotate-key"), ("DELETE", f"{base}/engines/u")]:
         assert_envelope(await client.request(method, path), 401, "INVALID_ADMIN_KEY")
         assert_envelope(await client.request(method, path, headers=pk(key)), 401, "INVALID_ADMIN_KEY")
+    # GET /audit also takes a platform key (the product's own rows, tests/api/test_audit_query.py)
+    assert_envelope(await client.get("/audit"), 401, "INVALID_ADMIN_KEY")
+    assert set((await client.get("/audit", headers=pk(key))).json()) == {"events", "next_cursor"}
     for missing in (str(uuid.uuid4()), "not-a-uuid"):
         assert_envelope(await client.get(f"/products/{missing}/engines", headers=ADM), 404, "PRODUCT_NOT_FOUND")
         assert_envelope(await client.post(f"/products/{missing}/engines/u/stop", headers=ADM), 404,

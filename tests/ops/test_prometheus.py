@@ -3,6 +3,9 @@ per-replica admits and admit latency, worker health."""
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+
 import httpx
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
@@ -76,3 +79,42 @@ async def test_prometheus_public_when_configured(settings: Settings) -> None:
             r = await c.get("/metrics/prometheus")
     assert r.status_code == 200
     assert "bap_leader" in r.text and "bap_engines" in r.text
+
+
+async def test_state_seconds_are_monotonic(client: httpx.AsyncClient, app: FastAPI) -> None:
+    """bap_engine_state_seconds_total: closed intervals (table state_seconds) plus the open ones of live
+    engines; neither the exported counter nor the database figure ever goes down across transitions."""
+    product_id, key = await register_product(client)
+    slug = next(p["slug"] for p in (await client.get("/products", headers={"X-Admin-Key": ADMIN_KEY})).json()[
+        "products"] if p["product_id"] == product_id)
+    fleet = app.state.services.fleet
+
+    async def figures() -> tuple[dict[str, float], dict[str, float]]:
+        """(exported, from the database) seconds by state for this product."""
+        text = (await client.get("/metrics/prometheus", headers=BEARER)).text
+        family = next(f for f in text_string_to_metric_families(text) if f.name == "bap_engine_state_seconds")
+        assert family.type == "counter"
+        exported = {s.labels["state"]: s.value for s in family.samples
+                    if s.name == "bap_engine_state_seconds_total" and s.labels["product"] == slug}
+        raw = {state: seconds for pid, state, seconds in await fleet.state_seconds() if pid == product_id}
+        return exported, raw
+
+    exported, raw = await figures()
+    assert exported == {"running": 0, "sleeping": 0, "stopped": 0} and raw == {}
+    assert (await client.post("/engines/provision", json={"user_id": "u1"}, headers=pk(key))).status_code == 200
+    history = [await figures()]
+    for path, method in (("/engines/u1/stop", "POST"), ("/engines/u1/start", "POST"), ("/engines/u1", "DELETE")):
+        await asyncio.sleep(0.4)
+        history.append(await figures())
+        assert (await client.request(method, path, headers=pk(key))).status_code == 200, path
+        history.append(await figures())
+    for (before, raw_before), (after, raw_after) in itertools.pairwise(history):
+        for state in ("running", "sleeping", "stopped"):
+            assert after[state] >= before[state], (state, before, after)
+            assert raw_after.get(state, 0.0) >= raw_before.get(state, 0.0) - 1e-6, (state, raw_before, raw_after)
+    final, raw_final = history[-1]
+    # provisioned, ~0.4 s, stopped, ~0.4 s, started, ~0.4 s, destroyed (closed by the delete trigger)
+    assert final["running"] >= 0.75 and final["stopped"] >= 0.35 and final["sleeping"] == 0
+    assert raw_final["running"] == final["running"] and raw_final["stopped"] == final["stopped"]
+    await asyncio.sleep(0.2)
+    assert (await figures())[0] == final  # nothing is open any more: nothing grows

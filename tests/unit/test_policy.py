@@ -28,7 +28,7 @@ def test_full_policy() -> None:
      ({"rate_limit_rpm": "yes"}, "rate_limit_rpm"), ({"rate_limit_rpm": 2**40}, "rate_limit_rpm"),
      ({"engine_version": ""}, "engine_version"), ({"engine_version": 1}, "engine_version"),
      ({"engine_version": "a\x00"}, "engine_version"), ({"engine_version": "x" * 201}, "engine_version"),
-     ({"warm_pool": -1}, "warm_pool"), ({"warm_pool": 101}, "warm_pool"), ({"warm_pool": 2}, "warm_pool"),
+     ({"warm_pool": -1}, "warm_pool"), ({"warm_pool": 101}, "warm_pool"), ({"warm_pool": 2.5}, "warm_pool"),
      ({"warm_pool": None, "x": 1}, "x")],
 )
 def test_bad_policies(raw: dict[str, object], where: str) -> None:
@@ -48,6 +48,7 @@ def test_null_values_mean_unset() -> None:
     assert parse_policy({"max_engines": None}) == Policy()
 
 
-def test_warm_pool_is_refused_until_implemented() -> None:
-    with pytest.raises(ValidationFailed, match="not implemented"):
-        parse_policy({"warm_pool": 1})
+def test_warm_pool_takes_0_to_100() -> None:
+    assert parse_policy({"warm_pool": 100}).warm_pool == 100
+    with pytest.raises(ValidationFailed, match="warm_pool"):
+        parse_policy({"warm_pool": 101})

@@ -37,4 +37,5 @@ def test_states_and_actions_are_the_spec_names() -> None:
     assert {str(a) for a in AuditAction} == {
         "provision", "provision_failed", "start", "stop", "wake", "sleep", "destroy", "rotate_key", "health_check",
         "health_failed", "auto_restart_start", "auto_restart_success", "auto_restart_failed",
-        "auto_restart_gave_up", "policy_register", "policy_update", "admit_denied", "reconcile"}
+        "auto_restart_gave_up", "policy_register", "policy_update", "admit_denied", "reconcile",
+        "pool_fill", "pool_claim", "settings_update"}

@@ -94,7 +94,7 @@ async def test_rotation_interrupted_by_a_crash_is_completed(make_app: AppFactory
             await conn.close()
         claim = await lc.tx.claim(engine["engine_id"], "test")
         assert claim is not None
-        assert await lc._push_key(claim.row, engine["api_key"], new_key) == 200
+        assert await lc.push_key(claim.row, engine["api_key"], new_key) == 200
         await _abandon(pg_dsn, engine["engine_id"], dead_owner)
         assert await ReconcileWorker(lc, app.state.settings).run_once() == 1
         r = await client.get("/engines/rot", headers=pk(key))

@@ -11,6 +11,7 @@
  *     ├── PolicyDenied              POLICY_DENIED           403
  *     ├── ProductNotFound           PRODUCT_NOT_FOUND       404
  *     ├── EngineNotFound            ENGINE_NOT_FOUND        404
+ *     ├── WebhookNotFound           WEBHOOK_NOT_FOUND       404
  *     ├── ProductSlugExists         PRODUCT_SLUG_EXISTS     409
  *     ├── EngineAlreadyExists       ENGINE_ALREADY_EXISTS   409
  *     ├── EngineNotRunning          ENGINE_NOT_RUNNING      409
@@ -41,6 +42,7 @@ export type ApiErrorCode =
   | "POLICY_DENIED"
   | "PRODUCT_NOT_FOUND"
   | "ENGINE_NOT_FOUND"
+  | "WEBHOOK_NOT_FOUND"
   | "PRODUCT_SLUG_EXISTS"
   | "ENGINE_ALREADY_EXISTS"
   | "ENGINE_NOT_RUNNING"
@@ -121,6 +123,9 @@ export class ProductNotFound extends BapError {
 export class EngineNotFound extends BapError {
   static override readonly code = "ENGINE_NOT_FOUND";
 }
+export class WebhookNotFound extends BapError {
+  static override readonly code = "WEBHOOK_NOT_FOUND";
+}
 export class ProductSlugExists extends BapError {
   static override readonly code = "PRODUCT_SLUG_EXISTS";
 }
@@ -188,7 +193,7 @@ export class ConnectionFailed extends BapError {
 
 const API_ERRORS = [
   ValidationError, RouteNotFound, MethodNotAllowed, PayloadTooLarge, InvalidPlatformKey, InvalidAdminKey,
-  PolicyDenied, ProductNotFound, EngineNotFound, ProductSlugExists, EngineAlreadyExists, EngineNotRunning,
+  PolicyDenied, ProductNotFound, EngineNotFound, WebhookNotFound, ProductSlugExists, EngineAlreadyExists, EngineNotRunning,
   EngineAlreadyRunning, EngineBusy, QuotaExceeded, RateLimited, InternalError, BackendError, PortExhaustion,
   ServiceUnavailable, BootTimeout,
 ] as const;

@@ -52,6 +52,7 @@ export {
   RouteNotFound,
   ServiceUnavailable,
   ValidationError,
+  WebhookNotFound,
   errorFromResponse,
   parseRetryAfter,
 } from "./errors.js";

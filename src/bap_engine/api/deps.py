@@ -12,22 +12,24 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
-from typing import Annotated, Protocol
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Protocol
 
 from fastapi import Depends, Path, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from bap_engine.api.models import USER_ID_PATTERN
 from bap_engine.discovery import Discovery
-from bap_engine.errors import ProductNotFound, ValidationFailed
+from bap_engine.errors import ProductNotFound, ServiceUnavailable, ValidationFailed
+from bap_engine.events import EventHub
 from bap_engine.fleet import Fleet, ProductRow
 from bap_engine.lifecycle import Lifecycle
 from bap_engine.supervisor import Supervisor
+from bap_engine.webhooks import Webhooks
 
 __all__ = [
     "Services", "LeaderView", "LifecycleDep", "DiscoveryDep", "FleetDep", "ProductDep", "AdminDep", "UserIdDep",
-    "ServicesDep", "PlatformKeyDep", "BearerDep", "ProductIdDep", "check_user_id", "canonical_uuid",
+    "ServicesDep", "EventsDep", "PlatformKeyDep", "BearerDep", "ProductIdDep", "check_user_id", "canonical_uuid",
     "PLATFORM_KEY_HEADER", "ADMIN_KEY_HEADER", "UUID_PATTERN",
 ]
 
@@ -56,6 +58,11 @@ class Services:
     supervisor: Supervisor
     dsn: str
     leadership: LeaderView | None = None  # set once this process takes part in the election
+    # the features' leader-only workers, built for each term (see workers/leader.py)
+    # (typed Any: workers/ sits beside api/ and is not imported here; each builds a workers.base.Worker)
+    workers: list[Callable[[], Any]] = field(default_factory=list)
+    events: EventHub | None = None  # the lifecycle-event hub (GET /events, webhooks); see events.py
+    webhooks: Webhooks | None = None  # the webhook service (set by the composition root)
 
 
 async def get_services(request: Request) -> Services:
@@ -78,7 +85,14 @@ async def get_fleet(services: ServicesDep) -> Fleet:
     return services.fleet
 
 
+async def get_events(services: ServicesDep) -> EventHub:
+    if services.events is None:
+        raise ServiceUnavailable("the event stream is not enabled in this app")
+    return services.events
+
+
 LifecycleDep = Annotated[Lifecycle, Depends(get_lifecycle)]
+EventsDep = Annotated[EventHub, Depends(get_events)]
 DiscoveryDep = Annotated[Discovery, Depends(get_discovery)]
 FleetDep = Annotated[Fleet, Depends(get_fleet)]
 

@@ -29,6 +29,7 @@ STATUS: dict[type[e.BapError], int] = {
     e.PolicyDenied: 403,
     e.ProductNotFound: 404,
     e.EngineNotFound: 404,
+    e.WebhookNotFound: 404,
     e.ProductSlugExists: 409,
     e.EngineAlreadyExists: 409,
     e.EngineNotRunning: 409,

@@ -3,7 +3,9 @@
 Where each figure comes from (deploy/README-ops.md has the list):
 
 - from the database at scrape time, so every replica answers the same: engines by product and
-  state (`bap_engines`), and from the audit log the all-time counters of provisions, provision
+  state (`bap_engines`), the seconds engines spent in each state (`bap_engine_state_seconds_total`:
+  the closed intervals of table state_seconds plus the open ones of live engines; pool engines
+  excluded), and from the audit log the all-time counters of provisions, provision
   failures, destroys, crashes (`health_failed`), restarts (`auto_restart_start`), wakes, admission
   denials by reason, and the boot and wake time histograms (audit `duration_ms`);
 - per process, labelled `replica`: admissions by product (`bap_admits_total`) and the admit
@@ -20,7 +22,7 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
@@ -36,6 +38,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 BOOT_BOUNDS_MS = (100, 250, 500, 1000, 2500, 5000, 10_000, 30_000, 60_000)
 ADMIT_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 OUTCOMES = ("admitted", "denied", "error")
+_STATE_SECONDS_ALWAYS = ("running", "sleeping", "stopped")
 
 # audit action → (metric name without _total, help)
 _COUNTERS = {
@@ -74,6 +77,7 @@ class _Snapshot:
     totals: AuditTotals
     leadership: object | None
     supervisor: Supervisor | None
+    state_seconds: list[tuple[str, str, float]] = field(default_factory=list)  # (product id, state, seconds)
 
 
 class OpsMetrics:
@@ -87,6 +91,8 @@ class OpsMetrics:
         self._latency = {o: latency.labels(self.replica, o) for o in OUTCOMES}
         self.admits: Counter[str] = Counter()  # product id → admitted requests in this process
         self._snapshot: _Snapshot | None = None
+        # the highest bap_engine_state_seconds_total this process exported, per (product id, state)
+        self._state_seconds: dict[tuple[str, str], float] = {}
         self.registry.register(_ScrapeCollector(self))
 
     def observe_admit(self, product_id: str | None, outcome: str, seconds: float) -> None:
@@ -99,8 +105,9 @@ class OpsMetrics:
         """The Prometheus text: database reads first, then one synchronous render."""
         products: _Products = list(await fleet.products())
         totals = await fleet.audit_totals(BOOT_BOUNDS_MS)
+        state_seconds = await fleet.state_seconds()
         # No await between setting the snapshot and rendering: concurrent scrapes cannot mix.
-        self._snapshot = _Snapshot(products, totals, leadership, supervisor)
+        self._snapshot = _Snapshot(products, totals, leadership, supervisor, state_seconds)
         try:
             return generate_latest(self.registry)
         finally:
@@ -114,6 +121,7 @@ class OpsMetrics:
         out: list[Metric] = [_engines(snap.products)]
         out.extend(_audit_counters(snap.totals, slugs))
         out.extend(_audit_histograms(snap.totals, slugs))
+        out.append(self._state_seconds_family(snap.state_seconds, slugs))
         admits = CounterMetricFamily("bap_admits", "Admitted requests handled by this replica",
                                      labels=["product", "replica"])
         for product_id, n in sorted(self.admits.items()):
@@ -123,6 +131,25 @@ class OpsMetrics:
         if snap.supervisor is not None:
             out.append(_task_restarts(snap.supervisor, self.replica))
         return out
+
+    def _state_seconds_family(self, rows: list[tuple[str, str, float]], slugs: Mapping[str, str]) -> Metric:
+        """Closed plus open seconds, never below what this process exported before: a scrape that reads
+        an engine's open interval while its transition commits sees up to that transaction's length
+        more than the closed figure the trigger then records (it closes at the transaction's start)."""
+        for product_id, state, seconds in rows:
+            key = (product_id, state)
+            self._state_seconds[key] = max(self._state_seconds.get(key, 0.0), seconds)
+        for product_id in slugs:  # running, sleeping and stopped always; any other state once seen
+            for state in _STATE_SECONDS_ALWAYS:
+                self._state_seconds.setdefault((product_id, state), 0.0)
+        family = CounterMetricFamily("bap_engine_state_seconds",
+                                     "Seconds engines spent in each state, closed and open intervals "
+                                     "(database, all replicas; warm-pool engines excluded)",
+                                     labels=["product", "state"])
+        for (product_id, state), seconds in sorted(self._state_seconds.items(),
+                                                   key=lambda kv: (slugs.get(kv[0][0], kv[0][0]), kv[0][1])):
+            family.add_metric([slugs.get(product_id, product_id), state], seconds)
+        return family
 
 
 class _ScrapeCollector:

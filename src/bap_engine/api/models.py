@@ -6,7 +6,7 @@ them alike: no `\\s` (each dialect has its own whitespace set), character ranges
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema
 from pydantic.config import JsonDict
@@ -15,6 +15,7 @@ from bap_engine.policy import Policy
 
 __all__ = [
     "USER_ID_PATTERN", "SLUG_PATTERN", "VERSION_PATTERN", "ProvisionBody", "AdmitBody", "RegisterBody", "PolicyBody",
+    "EngineSettingsBody",
     "EngineOut", "EngineListItem", "AdmitOut", "ErrorOut", "iso",
 ]
 
@@ -74,6 +75,16 @@ class PolicyBody(_Strict):
     policy: PolicyDoc
 
 
+class EngineSettingsBody(_Strict):
+    """PATCH /engines/{user_id}: the engine's settings (no state change)."""
+
+    model_config = _example({"idle_sleep": "never"})
+
+    idle_sleep: Literal["auto", "never"] = Field(
+        description='"auto": put to sleep after ORCH_IDLE_SLEEP_AFTER_S without an admit (and not busy); '
+                    '"never": kept awake (a sleeping engine stays asleep until admit wakes it)')
+
+
 class EngineOut(BaseModel):
     engine_id: str
     user_id: str
@@ -83,6 +94,7 @@ class EngineOut(BaseModel):
     engine_version: str
     created_at: str
     last_health_at: str | None
+    idle_sleep: str = Field(description='"auto" (slept when idle) or "never"')
 
 
 class EngineListItem(BaseModel):
@@ -93,6 +105,7 @@ class EngineListItem(BaseModel):
     engine_version: str
     created_at: str
     last_health_at: str | None
+    idle_sleep: str = Field(description='"auto" (slept when idle) or "never"')
 
 
 class AdmitOut(BaseModel):

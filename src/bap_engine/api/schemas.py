@@ -7,7 +7,7 @@ HTTP status, as in spec/API.md. `api/openapi.py` applies both to the generated d
 
 from __future__ import annotations
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from bap_engine.api.models import AdmitOut, EngineListItem, EngineOut
 
@@ -15,6 +15,9 @@ __all__ = [
     "ProvisionOut", "DestroyOut", "StartOut", "StopOut", "EngineListOut", "StatusOut", "MetricsOut",
     "RegisterOut", "PolicyOut", "HealthOut", "ProductOut", "ProductsOut", "BootBucketOut", "BootOut",
     "ProductMetricsOut", "AuditEventOut", "AuditOut", "AdminActionOut", "ENDPOINTS", "COMMON_ERRORS", "Errors",
+    "AuditPageEventOut", "AuditAnyEventOut", "AuditAnyOut", "UsageFiguresOut", "UsageUserOut",
+    "UsageOut",
+    "WebhookSecretOut", "WebhookOut", "WebhookDeletedOut",
 ]
 
 
@@ -54,6 +57,7 @@ class StatusOut(BaseModel):
     by_status: dict[str, int]
     health: str
     unhealthy_count: int
+    warm: int = Field(description="warm-pool engines ready to be claimed (not counted in total or by_status)")
 
 
 class MetricsOut(BaseModel):
@@ -125,6 +129,73 @@ class AuditOut(BaseModel):
     events: list[AuditEventOut]
 
 
+class AuditPageEventOut(BaseModel):
+    id: int
+    timestamp: str | None
+    action: str
+    user_id: str | None
+    engine_id: str | None
+    actor: str
+    metadata: dict[str, object]
+    duration_ms: int | None
+
+
+class AuditAnyEventOut(AuditPageEventOut):
+    product_id: str | None = Field(default=None, description="X-Admin-Key only")
+
+
+class AuditAnyOut(BaseModel):
+    """Audit events, newest first: a product's page (X-Platform-Key) or the operator's form (X-Admin-Key)."""
+
+    events: list[AuditAnyEventOut]
+    next_cursor: str | None = Field(default=None, description=(
+        "X-Platform-Key only (always present there): pass it as `cursor` for the next page; null on the last"))
+
+
+class UsageFiguresOut(BaseModel):
+    """Whole seconds in each state inside the window (each user's exact sum floored) and counts."""
+
+    running_s: int
+    sleeping_s: int
+    stopped_s: int
+    provisions: int
+    wakes: int
+    restarts: int
+
+
+class UsageUserOut(UsageFiguresOut):
+    user_id: str
+
+
+class UsageOut(BaseModel):
+    """Usage in [since, until): every user with a non-zero figure, by user_id; totals sum the users."""
+
+    since: str
+    until: str
+    users: list[UsageUserOut]
+    totals: UsageFiguresOut
+
+
+class WebhookSecretOut(BaseModel):
+    """The product's webhook and its signing secret, shown once (a new PUT makes a new one)."""
+
+    url: str
+    secret: str = Field(description="whsec_...: the HMAC-SHA256 key of X-Bap-Signature")
+
+
+class WebhookOut(BaseModel):
+    """The product's webhook and its delivery state (never the secret)."""
+
+    url: str
+    pending: int = Field(description="events not yet acknowledged (at least: counted up to 10000)")
+    last_status: int | None = Field(description="HTTP status of the last attempt (null: none, or no answer)")
+    last_delivery_at: str | None = Field(description="when the last attempt was made")
+
+
+class WebhookDeletedOut(BaseModel):
+    status: str
+
+
 class AdminActionOut(BaseModel):
     """An admin action's result; never carries a key (the product gets a rotated key from admit/get)."""
 
@@ -137,6 +208,7 @@ class AdminActionOut(BaseModel):
 V, PK, AK = "VALIDATION_ERROR", "INVALID_PLATFORM_KEY", "INVALID_ADMIN_KEY"
 BUSY, BACKEND, BOOT = "ENGINE_BUSY", "BACKEND_ERROR", "BOOT_TIMEOUT"
 PORTS, DB, TOO_LARGE = "PORT_EXHAUSTION", "SERVICE_UNAVAILABLE", "PAYLOAD_TOO_LARGE"
+WH = "WEBHOOK_NOT_FOUND"
 Errors = dict[int, tuple[str, ...]]
 
 # Every endpoint may also answer 500 INTERNAL_ERROR.
@@ -172,20 +244,29 @@ ENDPOINTS: dict[tuple[str, str], tuple[type[BaseModel] | None, Errors]] = {
     ("post", "/engines/{user_id}/rotate-key"): (ProvisionOut, _errors(_ENGINE, {409: ("ENGINE_NOT_RUNNING", BUSY),
                                                                                 502: (BACKEND,)})),
     ("get", "/engines/{user_id}"): (EngineOut, _ENGINE),
+    ("patch", "/engines/{user_id}"): (EngineOut, _errors(_ENGINE, _BODY)),  # no state change: never 409
     ("post", "/engines/{user_id}/admit"): (AdmitOut, _errors(_PLATFORM, _BODY, _BOOTS, {
         409: (BUSY,), 429: ("RATE_LIMITED", "QUOTA_EXCEEDED")})),
     ("get", "/engines"): (EngineListOut, _errors(_PLATFORM, {400: (V,)})),
     ("get", "/status"): (StatusOut, _PLATFORM),
     ("get", "/metrics"): (MetricsOut, _PLATFORM),
+    ("get", "/events"): (None, _errors(_PLATFORM, {400: (V,)})),  # text/event-stream
     ("post", "/products/register"): (RegisterOut, _errors(_ADMIN, _BODY, {409: ("PRODUCT_SLUG_EXISTS",)})),
     ("put", "/products/{product_id}/policy"): (PolicyOut, _errors(_ADMIN, _BODY, {404: ("PRODUCT_NOT_FOUND",)})),
     ("get", "/products"): (ProductsOut, _ADMIN),
     ("get", "/products/{product_id}/engines"): (EngineListOut, _errors(_ADMIN, {400: (V,),
                                                                                  404: ("PRODUCT_NOT_FOUND",)})),
     ("get", "/products/{product_id}/engines/{user_id}"): (EngineListItem, _ADMIN_ENGINE),
+    ("put", "/products/{product_id}/webhook"): (WebhookSecretOut, _errors(_ADMIN, _BODY, {
+        404: ("PRODUCT_NOT_FOUND",)})),
+    ("get", "/products/{product_id}/webhook"): (WebhookOut, _errors(_ADMIN, {404: ("PRODUCT_NOT_FOUND", WH)})),
+    ("delete", "/products/{product_id}/webhook"): (WebhookDeletedOut, _errors(_ADMIN, {
+        404: ("PRODUCT_NOT_FOUND", WH)})),
     ("get", "/products/{product_id}/metrics"): (ProductMetricsOut, _errors(_ADMIN, {404: ("PRODUCT_NOT_FOUND",)})),
     ("get", "/products/{product_id}/audit"): (AuditOut, _errors(_ADMIN, {400: (V,), 404: ("PRODUCT_NOT_FOUND",)})),
-    ("get", "/audit"): (AuditOut, _errors(_ADMIN, {400: (V,), 404: ("PRODUCT_NOT_FOUND",)})),
+    # X-Admin-Key or X-Platform-Key (admin wins); no key is INVALID_ADMIN_KEY
+    ("get", "/audit"): (AuditAnyOut, _errors(_ADMIN, _PLATFORM, {400: (V,), 404: ("PRODUCT_NOT_FOUND",)})),
+    ("get", "/usage"): (UsageOut, _errors(_PLATFORM, {400: (V,)})),
     ("post", "/products/{product_id}/engines/{user_id}/stop"): (AdminActionOut, _errors(_ADMIN_ENGINE, {
         409: ("ENGINE_NOT_RUNNING", BUSY), 502: (BACKEND,)})),
     ("post", "/products/{product_id}/engines/{user_id}/start"): (AdminActionOut, _errors(_ADMIN_ENGINE, _BOOTS, {

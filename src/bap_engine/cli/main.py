@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import sys
 from typing import Annotated
 
@@ -57,9 +58,21 @@ def serve(
         typer.echo("bap-engine: register a product with: bap-engine products register --slug my-app "
                    "--display-name 'My App'", err=True)
     typer.echo(f"bap-engine: serving on http://{settings.host}:{settings.port}", err=True)
+    application = create_app(settings)
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            # An open GET /events stream never ends by itself: uvicorn would wait the whole graceful
+            # timeout for it. End the streams first (clients resume elsewhere with Last-Event-ID).
+            services = getattr(application.state, "services", None)
+            if services is not None and services.events is not None:
+                await services.events.aclose()
+            await super().shutdown(sockets)
+
     # log_config=None: uvicorn's own records (a request's traceback) go through the JSON handler
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="warning",
-                access_log=False, loop="uvloop", http="httptools", timeout_graceful_shutdown=10, log_config=None)
+    Server(uvicorn.Config(application, host=settings.host, port=settings.port, log_level="warning",
+                         access_log=False, loop="uvloop", http="httptools", timeout_graceful_shutdown=10,
+                         log_config=None)).run()
 
 
 @app.command()
@@ -114,7 +127,7 @@ def register(
     typer.echo(json.dumps({"product_id": product_id, "slug": slug, "platform_api_key": key}))
 
 
-register_ops(app, products_app)  # engines, status, audit, products list|policy (over HTTP, via the client)
+register_ops(app, products_app)  # engines, status, audit, events, usage, webhook, products list|policy (HTTP)
 app.command("doctor")(doctor)
 
 

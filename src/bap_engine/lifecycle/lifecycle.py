@@ -32,6 +32,7 @@ from bap_engine.errors import (
 )
 from bap_engine.keys import KeySealer, hash_key, new_engine_key
 from bap_engine.lifecycle import boot
+from bap_engine.lifecycle import pool as warm
 from bap_engine.lifecycle.clock import now
 from bap_engine.lifecycle.probe import push_key
 from bap_engine.lifecycle.transition import Audit, Change, Claim, Transitions
@@ -39,11 +40,17 @@ from bap_engine.lifecycle.views import EngineView, view
 from bap_engine.registry import EngineRow, ProductRow
 from bap_engine.states import AuditAction, EngineState
 
-__all__ = ["Lifecycle", "now"]
+__all__ = ["Lifecycle", "now", "use_pool"]
 
 S = EngineState
 A = AuditAction
 _OP_SLACK_S = 30.0  # op deadline beyond the boot timeout
+
+
+def use_pool(product: ProductRow) -> bool:
+    """Whether provisions of this product look for a warm engine first."""
+    size = product.policy.get("warm_pool")
+    return isinstance(size, int) and size > 0
 
 
 class Lifecycle:
@@ -90,9 +97,11 @@ class Lifecycle:
         """Create a user's engine and wait until healthy. Returns (row, plaintext key).
 
         With reuse_existing an existing row is returned as is (key None) instead of
-        raising EngineAlreadyExists. Raises QuotaExceeded, PortExhaustion, BootTimeout,
-        BackendFailed."""
+        raising EngineAlreadyExists. A product with a warm pool hands over a ready pool engine of
+        the version when it has one (no boot; the pool counts in max_engines already). Raises
+        QuotaExceeded, PortExhaustion, BootTimeout, BackendFailed."""
         key = new_engine_key()
+        version = engine_version or self.settings.engine_image
         async with self.pool.acquire() as conn, conn.transaction():
             await registry.lock_product(conn, product.id)
             existing = await registry.get_engine(conn, product.id, user_id)
@@ -100,25 +109,33 @@ class Lifecycle:
                 if reuse_existing:
                     return existing, None
                 raise EngineAlreadyExists()
-            if max_engines is not None:
-                count = await registry.count_engines(conn, product.id)
-                if count >= max_engines:
-                    raise QuotaExceeded(f"product already has {count} engines (max_engines={max_engines})")
-            row = await self._insert(conn, product, user_id, engine_version or self.settings.engine_image, key)
+            bound = await warm.bind(self, conn, product, user_id, version, key) if use_pool(product) else None
+            if bound is None:
+                if max_engines is not None:
+                    count = await registry.count_engines(conn, product.id)
+                    if count >= max_engines:
+                        raise QuotaExceeded(f"product already has {count} engines (max_engines={max_engines})")
+                row = await self.insert(conn, product, user_id, version, key)
+        if bound is not None:
+            if (claimed := await warm.hand_over(self, bound, key, actor)) is not None:
+                return claimed, key
+            return await self.provision(product, user_id, engine_version, actor=actor, max_engines=max_engines,
+                                        reuse_existing=reuse_existing)
         return await self._boot_new(self.tx.adopt(row, "provision"), actor), key
 
-    async def _insert(self, conn: asyncpg.Connection, product: ProductRow, user_id: str, version: str,
-                      key: str) -> EngineRow:
+    async def insert(self, conn: asyncpg.Connection, product: ProductRow, user_id: str, version: str,
+                     key: str, *, engine_id: str | None = None, pool: bool = False, op: str = "provision") -> EngineRow:
+        """A `provisioning` row on a free port, holding `op` for this process."""
         s = self.settings
         port = await registry.allocate_port(conn, s.port_min, s.port_max)
         if port is None:
             raise PortExhaustion(f"all ports {s.port_min}-{s.port_max} are in use")
-        engine_id = str(uuid.uuid4())
+        engine_id = engine_id or str(uuid.uuid4())
         row = await registry.insert_engine(
             conn, id=engine_id, product_id=product.id, user_id=user_id, port=port,
             url=self.backend.url_for(engine_id, port), engine_version=version, api_key_hash=hash_key(key),
             engine_key_enc=self.sealer.seal(key), op_owner=self.owner_id, op_ttl_s=self.tx.op_ttl_s,
-            deployment=s.deployment,
+            deployment=s.deployment, pool=pool, op=op,
         )
         if row is None:  # a concurrent insert won; the product lock makes this unreachable
             raise EngineAlreadyExists()
@@ -209,7 +226,8 @@ class Lifecycle:
         if claim is None:
             return False
         async with claim:
-            if claim.row.status != S.RUNNING:
+            fresh = claim.row  # what the worker read may be stale: exempt, busy and pool engines stay up
+            if fresh.status != S.RUNNING or fresh.idle_sleep == "never" or fresh.busy or fresh.pool:
                 return False
             mode = self.settings.sleep_mode
             try:
@@ -291,7 +309,7 @@ class Lifecycle:
                 raise EngineNotRunning()
             new_key = new_engine_key()
             row = await claim.note(Change(pending_key_enc=self.sealer.seal(new_key)))
-            status = await self._push_key(row, self.key_of(row), new_key)
+            status = await self.push_key(row, self.key_of(row), new_key)
             if status != 200:
                 await claim.commit(Change(pending_key_enc=None))
                 why = "does not support live key rotation" if status == 404 else f"answered {status}"
@@ -302,10 +320,11 @@ class Lifecycle:
                 Audit(A.ROTATE_KEY, {"overlap_seconds": overlap}, actor))
             return row, new_key
 
-    async def _push_key(self, row: EngineRow, auth: str, new_key: str) -> int:
+    async def push_key(self, row: EngineRow, auth: str, new_key: str, *, overlap_s: int | None = None) -> int:
+        """Hand the live engine a new key's hash (authenticated with `auth`); its HTTP status, 0 for none."""
         assert row.url is not None
-        return await push_key(row.url, auth, hash_key(new_key), self.settings.key_rotation_overlap_s,
-                              self.settings.health_check_timeout_s)
+        overlap = self.settings.key_rotation_overlap_s if overlap_s is None else overlap_s
+        return await push_key(row.url, auth, hash_key(new_key), overlap, self.settings.health_check_timeout_s)
 
     async def complete_rotation(self, claim: Claim, found: str) -> bool:
         """After a crash mid-rotation: make engine and row agree on the pending key (idempotent).
@@ -314,7 +333,7 @@ class Lifecycle:
         assert row.pending_key_enc is not None
         new_key = self.sealer.open(row.pending_key_enc)
         for auth in (self.key_of(row), new_key):  # old key (within the overlap), or the engine already moved on
-            if await self._push_key(row, auth, new_key) == 200:
+            if await self.push_key(row, auth, new_key) == 200:
                 await claim.commit(
                     Change(api_key_hash=hash_key(new_key), engine_key_enc=row.pending_key_enc, pending_key_enc=None),
                     Audit(A.ROTATE_KEY, {"completed_by": "reconcile"}),

@@ -1,5 +1,8 @@
 """HTTP calls from the orchestrator to an engine: the health probe and live key rotation.
 
+`probe_status` also reads whether the engine works (`"busy": true` in its /health body: a stream in
+flight, a background job), which keeps it from being put to sleep; `probe_health` is its yes/no.
+
 The probe is on the hot path of every boot, wake and health sweep (thousands of engines),
 so it is one short-lived connection parsed with h11 rather than a full client.
 """
@@ -10,12 +13,13 @@ import asyncio
 import ipaddress
 import socket
 import time
+from typing import NamedTuple
 from urllib.parse import urlsplit
 
 import h11
 import orjson
 
-__all__ = ["probe_health", "wait_healthy", "call_engine", "push_key", "EngineReply"]
+__all__ = ["Probe", "probe_status", "probe_health", "wait_healthy", "call_engine", "push_key", "EngineReply"]
 
 _MAX_BODY = 64 * 1024
 
@@ -80,19 +84,36 @@ async def _read_reply(loop: asyncio.AbstractEventLoop, sock: socket.socket, conn
     return EngineReply(status, bytes(chunks))
 
 
-async def probe_health(url: str, timeout: float) -> bool:
-    """True when GET /health answers 2xx with JSON status "ok" within timeout."""
+class Probe(NamedTuple):
+    """One /health answer: `ok` (2xx, JSON status "ok"), and `busy` (ok, and the body says "busy": true)."""
+
+    ok: bool
+    busy: bool = False
+
+
+_DOWN, _IDLE, _BUSY = Probe(False), Probe(True), Probe(True, True)
+
+
+async def probe_status(url: str, timeout: float) -> Probe:
+    """GET /health within timeout: healthy, and working (`"busy": true`; anything else is not busy)."""
     try:
         reply = await asyncio.wait_for(_exchange(url, "GET", "/health", [], b""), timeout)
     except (OSError, TimeoutError, h11.ProtocolError):
-        return False
+        return _DOWN
     if not 200 <= reply.status < 300:
-        return False
+        return _DOWN
     try:
         doc = orjson.loads(reply.body)
     except orjson.JSONDecodeError:
-        return False
-    return isinstance(doc, dict) and doc.get("status") == "ok"
+        return _DOWN
+    if not isinstance(doc, dict) or doc.get("status") != "ok":
+        return _DOWN
+    return _BUSY if doc.get("busy") is True else _IDLE
+
+
+async def probe_health(url: str, timeout: float) -> bool:
+    """True when GET /health answers 2xx with JSON status "ok" within timeout."""
+    return (await probe_status(url, timeout)).ok
 
 
 async def wait_healthy(url: str, timeout: float, probe_timeout: float) -> bool:

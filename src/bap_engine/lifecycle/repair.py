@@ -10,6 +10,7 @@ from __future__ import annotations
 from bap_engine import audit
 from bap_engine.backends.base import BackendError, Observed, ObservedState
 from bap_engine.errors import BackendFailed
+from bap_engine.lifecycle import pool
 from bap_engine.lifecycle.clock import now
 from bap_engine.lifecycle.lifecycle import Lifecycle
 from bap_engine.lifecycle.probe import probe_health
@@ -56,6 +57,8 @@ async def _finish(lc: Lifecycle, claim: Claim, op: str) -> str:
         await claim.delete(Audit(A.PROVISION_FAILED, {"error": "ORCHESTRATOR_CRASH", "by": "reconcile"}),
                            _reconcile(found, "engine and row removed"))
         return "removed"
+    if op == pool.CLAIM_OP and c.pending_key_enc is not None and c.status == S.RUNNING:
+        return await pool.finish_claim(lc, claim, found)
     if c.pending_key_enc is not None and c.status == S.RUNNING:
         await lc.complete_rotation(claim, found)
         return "finished"
@@ -66,7 +69,8 @@ async def _finish(lc: Lifecycle, claim: Claim, op: str) -> str:
         return "finished"
     if c.status == S.PROVISIONING:
         await claim.commit(Change(status=S.RUNNING, last_health_at=now(), last_active_at=now()),
-                           Audit(A.PROVISION, {"engine_version": c.engine_version, "by": "reconcile"}),
+                           Audit(A.POOL_FILL if c.pool else A.PROVISION,
+                                 {"engine_version": c.engine_version, "by": "reconcile"}),
                            _reconcile(found, "marked running"))
         return "finished"
     await claim.release(_reconcile(found, "op released"))

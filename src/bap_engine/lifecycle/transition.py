@@ -126,7 +126,7 @@ class Claim:
             if values:
                 self.row = self._held(await registry.update_claimed(conn, self.row.id, self._tx.owner_id, self.op,
                                                                     **values))
-            await _write(conn, self.row, audits)
+            await _write(conn, self.row, audits, _entered(change))
         return self.row
 
     async def commit(self, change: Change | None = None, *audits: Audit) -> EngineRow:
@@ -138,7 +138,7 @@ class Claim:
             row = await registry.update_claimed(conn, self.row.id, self._tx.owner_id, self.op, op=None,
                                                 op_owner=None, op_deadline=None, **change.values())
             self.row = self._held(row)
-            await _write(conn, self.row, audits)
+            await _write(conn, self.row, audits, _entered(change))
         self._open = False
         return self.row
 
@@ -148,7 +148,7 @@ class Claim:
         async with self._pool.acquire() as conn, conn.transaction():
             if not await registry.delete_claimed(conn, self.row.id, self._tx.owner_id, self.op):
                 self._held(None)
-            await _write(conn, self.row, audits)
+            await _write(conn, self.row, audits, "gone")
         self._open = False
 
     async def release(self, *audits: Audit) -> None:
@@ -183,11 +183,20 @@ class Claim:
             raise InternalError(f"transition {old} → {new} is not in the state table")
 
 
-async def _write(conn: asyncpg.Connection, row: EngineRow, audits: tuple[Audit, ...]) -> None:
-    for a in audits:
+def _entered(change: Change) -> str | None:
+    return None if isinstance(change.status, _Unset) else str(change.status)
+
+
+async def _write(conn: asyncpg.Connection, row: EngineRow, audits: tuple[Audit, ...],
+                 state: str | None = None) -> None:
+    """The rows of one change; the first carries the state it entered (what usage reads). A pool
+    engine's rows name no user."""
+    user_id = None if row.pool else row.user_id
+    for i, a in enumerate(audits):
         metadata = orjson.loads(orjson.dumps(a.metadata)) if a.metadata is not None else None
-        await audit.write(conn, a.action, product_id=row.product_id, user_id=row.user_id, engine_id=row.id,
-                          actor=a.actor, metadata=metadata, duration_ms=a.duration_ms)
+        await audit.write(conn, a.action, product_id=row.product_id, user_id=user_id, engine_id=row.id,
+                          actor=a.actor, metadata=metadata, duration_ms=a.duration_ms,
+                          state=state if i == 0 else None)
 
 
 class Transitions:

@@ -21,11 +21,12 @@ class EngineView:
     engine_version: str
     created_at: datetime
     last_health_at: datetime | None
+    idle_sleep: str = "auto"
 
 
 def view(row: EngineRow, api_key: str | None = None) -> EngineView:
     return EngineView(
         engine_id=row.id, product_id=row.product_id, user_id=row.user_id, status=str(row.status),
         url=row.url, api_key=api_key, engine_version=row.engine_version, created_at=row.created_at,
-        last_health_at=row.last_health_at,
+        last_health_at=row.last_health_at, idle_sleep=row.idle_sleep,
     )

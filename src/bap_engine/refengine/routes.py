@@ -1,5 +1,9 @@
 """The engine's HTTP routes: health, execute, history and live key rotation.
 
+``GET /health`` adds ``"busy": true`` while at least one ``/execute`` stream is in flight (the key is
+absent otherwise), so the orchestrator does not put a working engine to sleep. A stream counts from its
+first event until its generator ends: completed, failed, or closed because the client went away.
+
 Owns authentication (``X-Engine-Key`` against the key ring, on every route except ``GET /health``;
 rotation accepts only the current key, never the previous one still inside its overlap window),
 routing, body validation and the JSON shapes. Order: health → auth (401) → route (404/405) →
@@ -11,7 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 
 from .config import EngineConfig, is_key_hash
 from .keys import KeyRing
@@ -56,6 +60,7 @@ class Routes:
         self._config = config
         self._keys = keys
         self._store = store
+        self._streams = 0  # /execute streams in flight
         self._table: dict[str, tuple[str, Handler]] = {
             "/execute": ("POST", self.execute),
             "/history": ("GET", self.history),
@@ -82,8 +87,22 @@ class Routes:
             return error(400, "VALIDATION_ERROR", str(exc))
 
     def health(self) -> JsonResponse:
-        """``GET /health``: the process is up and its database is open."""
-        return JsonResponse(200, {"status": "ok", "engine": ENGINE_NAME, "version": self._config.version})
+        """``GET /health``: the process is up and its database is open; ``"busy": true`` while it streams."""
+        payload: dict[str, object] = {"status": "ok", "engine": ENGINE_NAME, "version": self._config.version}
+        if self._streams:
+            payload["busy"] = True
+        return JsonResponse(200, payload)
+
+    async def _counted(self, chunks: AsyncGenerator[bytes, None]) -> AsyncGenerator[bytes, None]:
+        """``chunks``, counted as in flight from the first event until they end in any way. The connection
+        closes this generator when the client goes away, and a generator never started never counted."""
+        self._streams += 1
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            self._streams -= 1
+            await chunks.aclose()
 
     async def execute(self, req: Request) -> Response:
         """``POST /execute`` ``{"message", "thread_id"?}``: stream one turn as server-sent events."""
@@ -93,7 +112,7 @@ class Routes:
             raise _Invalid("message must be a non-empty string")
         raw_thread = body.get("thread_id")
         thread_id = "default" if raw_thread is None else _thread_id(raw_thread, "thread_id")
-        chunks = run_turn(self._store, thread_id, message, self._config.delta_delay_seconds)
+        chunks = self._counted(run_turn(self._store, thread_id, message, self._config.delta_delay_seconds))
         headers = (("cache-control", "no-cache"), ("x-accel-buffering", "no"))
         return StreamResponse(200, SSE_CONTENT_TYPE, chunks, headers)
 

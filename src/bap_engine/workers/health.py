@@ -1,7 +1,9 @@
 """Health worker: probe every running engine, mark failures, restart with backoff.
 
 One sweep: one query for the running engines, one backend list call, concurrent
-probes (bounded), then batched writes. Failed engines are restarted after
+probes (bounded), then batched writes. A probe that says `"busy": true` marks the engine
+busy and advances its last_active_at (the idle worker leaves it awake); an ok one without it
+clears busy — one more batched statement, after the probes' own. Failed engines are restarted after
 min(BASE·2ⁿ, MAX) seconds (+ up to 10 % jitter) until ORCH_RESTART_MAX_ATTEMPTS.
 """
 
@@ -19,7 +21,7 @@ import asyncpg
 from bap_engine import registry
 from bap_engine.config import Settings
 from bap_engine.errors import BapError
-from bap_engine.lifecycle import Lifecycle, Observed, ObservedState, now, probe_health
+from bap_engine.lifecycle import Lifecycle, Observed, ObservedState, Probe, now, probe_status, record_busy
 from bap_engine.lifecycle.repair import observe_all
 from bap_engine.registry import EngineRow
 from bap_engine.states import EngineState
@@ -57,24 +59,34 @@ class HealthWorker:
             running = await registry.engines_in_states(conn, self.s.deployment, [EngineState.RUNNING])
         observed = await observe_all(self.lc)
         results = await self._probe_all(running, observed)
-        ok = [r for r, good in zip(running, results, strict=True) if good]
-        bad = [r for r, good in zip(running, results, strict=True) if not good]
+        ok = [r for r, p in zip(running, results, strict=True) if p.ok]
+        bad = [r for r, p in zip(running, results, strict=True) if not p.ok]
         acted = await self._record(ok, bad)
+        await self._record_busy(running, results)
         acted += await self._restart_due()
         self.last_sweep_s = time.monotonic() - started
         return acted
 
-    async def _probe_all(self, rows: list[EngineRow], observed: Mapping[str, Observed]) -> list[bool]:
+    async def _probe_all(self, rows: list[EngineRow], observed: Mapping[str, Observed]) -> list[Probe]:
         gate = asyncio.Semaphore(self.s.health_concurrency)
 
-        async def probe(row: EngineRow) -> bool:
+        async def probe(row: EngineRow) -> Probe:
             seen = observed.get(row.id)
-            if seen is None or seen.state in (ObservedState.EXITED, ObservedState.ABSENT):
-                return False  # vanished: no need to wait for a timeout
+            if seen is None or seen.state in (ObservedState.EXITED, ObservedState.ABSENT) or row.url is None:
+                return Probe(ok=False)  # vanished: no need to wait for a timeout
             async with gate:
-                return row.url is not None and await probe_health(row.url, self.s.health_check_timeout_s)
+                return await probe_status(row.url, self.s.health_check_timeout_s)
 
         return list(await asyncio.gather(*(probe(r) for r in rows)))
+
+    async def _record_busy(self, rows: list[EngineRow], results: list[Probe]) -> None:
+        """Busy engines: busy and last_active_at = now(); ok idle ones that were busy: not any more.
+        A failed probe says nothing either way."""
+        busy = [r.id for r, p in zip(rows, results, strict=True) if p.busy]
+        idle = [r.id for r, p in zip(rows, results, strict=True) if p.ok and not p.busy and r.busy]
+        if busy or idle:
+            async with self.lc.pool.acquire() as conn:
+                await record_busy(conn, busy, idle)
 
     async def _record(self, ok: list[EngineRow], bad: list[EngineRow]) -> int:
         counts = await self.lc.record_probes(ok, bad, self._sample(ok))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -26,7 +26,7 @@ from bap_engine.workers.health import HealthWorker
 from bap_engine.workers.idle import IdleWorker
 from bap_engine.workers.reconcile import ReconcileWorker
 
-__all__ = ["run_workers", "Leadership", "LEADER_LOCK", "DB_LOST"]
+__all__ = ["run_workers", "Leadership", "LEADER_LOCK", "DB_LOST", "WorkerFactory"]
 
 log = logging.getLogger("bap_engine.leader")
 LEADER_LOCK = 7_415_005  # advisory lock class; the key is the deployment's hash
@@ -43,14 +43,21 @@ class Leadership:
     terms: int = 0
 
 
-def build_workers(lifecycle: Lifecycle, settings: Settings, supervisor: Supervisor) -> list[Worker]:
+# Builds a feature's worker for one term (the composition root passes the features' factories).
+WorkerFactory = Callable[[], Worker]
+
+
+def build_workers(lifecycle: Lifecycle, settings: Settings, supervisor: Supervisor,
+                  more: Sequence[WorkerFactory] = ()) -> list[Worker]:
     return [ReconcileWorker(lifecycle, settings), HealthWorker(lifecycle, settings, supervisor=supervisor),
-            IdleWorker(lifecycle, settings)]
+            IdleWorker(lifecycle, settings), *(make() for make in more)]
 
 
 class Election:
-    def __init__(self, dsn: str, lifecycle: Lifecycle, settings: Settings, supervisor: Supervisor) -> None:
+    def __init__(self, dsn: str, lifecycle: Lifecycle, settings: Settings, supervisor: Supervisor,
+                 more: Sequence[WorkerFactory] = ()) -> None:
         self.dsn, self.lc, self.s, self.sup = dsn, lifecycle, settings, supervisor
+        self.more = list(more)
         self.state = Leadership()
         self.retry_s = max(0.2, min(2.0, settings.health_check_interval_s, settings.reconcile_interval_s))
         self._term_over = asyncio.Event()
@@ -79,7 +86,7 @@ class Election:
             return
         state = self.state
         state.is_leader, state.terms = True, state.terms + 1
-        workers = build_workers(self.lc, self.s, self.sup)
+        workers = build_workers(self.lc, self.s, self.sup, self.more)
         state.workers = {w.name: w for w in workers}
         self._term_over = asyncio.Event()
         for w in workers:
@@ -97,9 +104,11 @@ class Election:
     async def _end_term(self) -> None:
         if not self.state.is_leader:
             return
+        names = [f"worker-{name}" for name in self.state.workers]
+        self.sup.expect_stop(*names)  # before the event: a loop returning now is no failure
         self._term_over.set()
-        for name in list(self.state.workers):
-            await self.sup.stop(f"worker-{name}")
+        for name in names:
+            await self.sup.stop(name)
         health = self.state.workers.get("health")
         if isinstance(health, HealthWorker):
             await health.wait_restarts()
@@ -108,13 +117,14 @@ class Election:
 
 
 @contextlib.asynccontextmanager
-async def run_workers(dsn: str, lifecycle: Lifecycle, settings: Settings,
-                      supervisor: Supervisor) -> AsyncIterator[Leadership]:
-    """Take part in the election for the lifetime of the context (under `supervisor`)."""
+async def run_workers(dsn: str, lifecycle: Lifecycle, settings: Settings, supervisor: Supervisor,
+                      more: Sequence[WorkerFactory] = ()) -> AsyncIterator[Leadership]:
+    """Take part in the election for the lifetime of the context (under `supervisor`); `more`
+    builds the features' workers (warm pool, webhook delivery) for each term."""
     if not settings.workers_enabled:
         yield Leadership()
         return
-    election = Election(dsn, lifecycle, settings, supervisor)
+    election = Election(dsn, lifecycle, settings, supervisor, more)
     supervisor.start("leader-election", election.run)
     try:
         yield election.state

@@ -7,11 +7,11 @@ from fastapi import APIRouter, Request
 from pydantic import ValidationError
 
 from bap_engine.api.deps import DiscoveryDep, LifecycleDep, PlatformKeyDep, ProductDep, UserIdDep, check_user_id
-from bap_engine.api.models import AdmitBody, AdmitOut, EngineOut, ErrorOut, ProvisionBody, iso
+from bap_engine.api.models import AdmitBody, AdmitOut, EngineOut, EngineSettingsBody, ErrorOut, ProvisionBody, iso
 from bap_engine.api.responses import JSON
 from bap_engine.discovery import Discovery
 from bap_engine.errors import InvalidPlatformKey, ValidationFailed
-from bap_engine.lifecycle import EngineView
+from bap_engine.lifecycle import EngineView, set_idle_sleep
 from bap_engine.policy import parse_policy
 
 __all__ = ["router", "engine_json", "admit_response"]
@@ -27,7 +27,8 @@ def engine_json(v: EngineView, *, with_key: bool = True) -> dict[str, object]:
     out: dict[str, object] = {"engine_id": v.engine_id, "user_id": v.user_id, "status": v.status, "url": v.url}
     if with_key:
         out["api_key"] = v.api_key
-    out.update(engine_version=v.engine_version, created_at=iso(v.created_at), last_health_at=iso(v.last_health_at))
+    out.update(engine_version=v.engine_version, created_at=iso(v.created_at), last_health_at=iso(v.last_health_at),
+               idle_sleep=v.idle_sleep)
     return out
 
 
@@ -75,6 +76,15 @@ async def rotate_key(user_id: UserIdDep, product: ProductDep, lifecycle: Lifecyc
 async def get_engine(user_id: UserIdDep, product: ProductDep, lifecycle: LifecycleDep) -> JSON:
     """The user's engine with its key; never provisions."""
     return JSON(engine_json(await lifecycle.engine_view(product, user_id)))
+
+
+@router.patch("/engines/{user_id}", response_model=EngineOut, responses=_ERRORS)
+async def update_settings(body: EngineSettingsBody, user_id: UserIdDep, product: ProductDep,
+                          lifecycle: LifecycleDep) -> JSON:
+    """Change the engine's settings (`idle_sleep`); answers as GET. No state change and no backend
+    call, so it works during another operation too; audited `settings_update` when a value changes."""
+    view = await set_idle_sleep(lifecycle, product, user_id, body.idle_sleep, actor=product.slug)
+    return JSON(engine_json(view))
 
 
 _ADMIT_BODY = {"requestBody": {"required": False, "content": {"application/json": {
