@@ -7,7 +7,9 @@ Exit codes scripts can rely on:
        (`bap-engine: CONNECTION_ERROR: cannot reach URL ...`)
     2  usage: a bad flag or value, a missing key, an invalid ORCH_* setting
 
-A product is named by its id, by a unique prefix of it (what the tables show), or by its slug.
+A product is named by its id, by a unique prefix of it (what the tables show), or by its slug. A
+time (--since, --until) is ISO 8601 (`2025-03-14T09:00:00Z`; one without an offset is UTC, as the
+tables show times) or an age: `90s`, `30m`, `24h`, `7d`, `2w` ago.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, NoReturn
 
 import typer
@@ -22,7 +25,7 @@ import typer
 from bap_engine.client import BapClient, BapClientError, ConnectionFailed, MissingKey, ProductNotFound
 
 __all__ = ["EXIT_API", "EXIT_USAGE", "Url", "PlatformKey", "AdminKey", "ProductRef", "AsJson", "Wide", "ShowKey",
-           "fail", "client", "resolve_product"]
+           "Since", "Until", "parse_instant", "fail", "client", "resolve_product"]
 
 EXIT_API = 1
 EXIT_USAGE = 2
@@ -46,6 +49,38 @@ ProductRef = Annotated[str | None, typer.Option("--product", "-p", envvar="BAP_P
 AsJson = Annotated[bool, typer.Option("--json", help="print one JSON document (machine-readable)")]
 Wide = Annotated[bool, typer.Option("--wide", "-w", help="full ids, times and images (wider than 80 columns)")]
 ShowKey = Annotated[bool, typer.Option("--show-key", help="print the engine key")]
+
+
+_AGE = re.compile(r"^(\d{1,7})([smhdw])$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_instant(value: str, now: datetime | None = None) -> datetime:
+    """`value` as an aware UTC datetime: ISO 8601 (no offset: UTC) or an age (`24h`: 24 hours before
+    `now`). Raises ValueError."""
+    text = value.strip()
+    age = _AGE.match(text.lower())
+    if age:
+        return (now or datetime.now(UTC)) - timedelta(seconds=int(age.group(1)) * _UNIT_S[age.group(2)])
+    ts = datetime.fromisoformat(text)  # ValueError when it is not ISO 8601
+    return (ts if ts.utcoffset() is not None else ts.replace(tzinfo=UTC)).astimezone(UTC)
+
+
+def _check_instant(value: str | None) -> str | None:
+    if value is None:
+        return None
+    try:
+        return parse_instant(value).isoformat().replace("+00:00", "Z")
+    except (ValueError, OverflowError):
+        raise typer.BadParameter(f"{value!r} is neither an ISO 8601 time (2025-03-14T09:00:00Z) nor an age "
+                                 "(90s, 30m, 24h, 7d, 2w)") from None
+
+
+Since = Annotated[str | None, typer.Option("--since", callback=_check_instant, show_default=False,
+                                           help="from this time: ISO 8601 (UTC unless an offset is given) or an "
+                                                "age such as 24h, 7d")]
+Until = Annotated[str | None, typer.Option("--until", callback=_check_instant, show_default=False,
+                                           help="up to this time (excluded): ISO 8601 or an age")]
 
 
 def fail(message: str, code: int = EXIT_API) -> NoReturn:

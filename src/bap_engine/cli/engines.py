@@ -1,14 +1,15 @@
-"""`bap-engine engines list|show|provision|stop|start|destroy|rotate-key`, over HTTP through the client.
+"""`bap-engine engines list|show|provision|stop|start|destroy|rotate-key|idle-sleep`, over HTTP through the client.
 
 With the platform key they act on that product's engines; with `--product` (id, id prefix or slug)
 and the admin key, on any product's. Batches (several users, `destroy --all`) show a progress bar on
 stderr, go on after a failure and end with `N done, M failed` (exit 1 when M > 0); with `--json` they
 print `{"done", "failed", "results": [{"user_id", "ok", "result", "error"}]}` instead, without the bar.
-Keys are printed only with --show-key.
+Keys are printed only with --show-key. `idle-sleep USER never` keeps an engine awake (platform key).
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, TypeVar
@@ -210,6 +211,26 @@ def _all_users(c: BapClient, product_id: str | None) -> list[str]:
         users += [e.user_id for e in page.engines]
         if not page.engines or len(users) >= page.total:
             return users
+
+
+class IdleSleepMode(enum.StrEnum):
+    auto = "auto"
+    never = "never"
+
+
+@engines_app.command("idle-sleep")
+def engines_idle_sleep(user_id: str,
+                       mode: Annotated[IdleSleepMode, typer.Argument(help="never: keep the engine awake; auto: "
+                                                                          "let it sleep when idle", metavar="MODE")],
+                       url: Url = DEFAULT_URL, platform_key: PlatformKey = None, as_json: AsJson = False) -> None:
+    """Keep an engine awake (never) or let it sleep when idle again (auto); no state change."""
+    with client(url, platform_key) as c:
+        engine = c.set_idle_sleep(user_id, "never" if mode is IdleSleepMode.never else "auto")
+    if as_json:
+        render.emit_json(_doc(engine, False))
+        return
+    typer.echo(f"{render.safe(engine.user_id)}: idle sleep {render.safe(engine.idle_sleep or mode.value)} "
+               f"({render.safe(engine.status)})")
 
 
 @engines_app.command("rotate-key")

@@ -1,8 +1,12 @@
 """Ops commands of the CLI: talk to a running server through `bap_engine.client` (never to the database).
 
-    bap-engine engines list|show|provision|stop|start|destroy|rotate-key     (cli/engines.py)
+    bap-engine engines list|show|provision|stop|start|destroy|rotate-key|idle-sleep   (cli/engines.py)
     bap-engine status
-    bap-engine audit tail [--follow]
+    bap-engine audit tail [--follow]       (the admin's view with --product; a product's own with its key)
+    bap-engine audit list [--user --engine --action --since --until]   (platform key, every page)
+    bap-engine events [--follow] [--after ID]                          (cli/events.py)
+    bap-engine usage [--since] [--until] [--user]                      (cli/usage.py)
+    bap-engine webhook set|show|delete PRODUCT                         (cli/webhooks.py, admin key)
     bap-engine products list|policy        (products register lives in main.py; --remote uses this module)
 
 The server URL and keys come from flags or the environment: BAP_URL (default http://127.0.0.1:8000),
@@ -28,6 +32,8 @@ from bap_engine.cli.common import (
     AsJson,
     PlatformKey,
     ProductRef,
+    Since,
+    Until,
     Url,
     Wide,
     client,
@@ -35,12 +41,16 @@ from bap_engine.cli.common import (
     resolve_product,
 )
 from bap_engine.cli.engines import engines_app
+from bap_engine.cli.events import events
+from bap_engine.cli.usage import usage
+from bap_engine.cli.webhooks import webhook_app
 from bap_engine.client import DEFAULT_URL, AuditEvent, BapClient, ProductNotFound
 from bap_engine.states import AuditAction
 
-__all__ = ["register_ops", "register_remote", "engines_app", "audit_app"]
+__all__ = ["register_ops", "register_remote", "engines_app", "audit_app", "webhook_app"]
 
-audit_app = typer.Typer(no_args_is_help=True, help="The audit trail (admin key).")
+audit_app = typer.Typer(no_args_is_help=True, help="The audit trail: any product's (admin key, --product) or a "
+                                                     "product's own (platform key).")
 
 
 # --- status, products -------------------------------------------------------------------------------
@@ -121,8 +131,20 @@ def _show(events: list[AuditEvent], as_json: bool, follow: bool, wide: bool) -> 
 Action = Annotated[AuditAction | None, typer.Option(help="only this action", show_default=False)]
 
 
+def _platform_since(c: BapClient, last: int, action: str | None) -> list[AuditEvent]:
+    """A product's rows after `last`, oldest first (the platform view pages newest first)."""
+    fresh: list[AuditEvent] = []
+    for row in c.iter_audit(action=action, page_size=200):
+        if row.id <= last:
+            break
+        fresh.append(row)
+    fresh.reverse()
+    return fresh
+
+
 @audit_app.command("tail")
-def audit_tail(url: Url = DEFAULT_URL, admin_key: AdminKey = None, product: ProductRef = None,
+def audit_tail(url: Url = DEFAULT_URL, platform_key: PlatformKey = None, admin_key: AdminKey = None,
+               product: ProductRef = None,
                limit: Annotated[int, typer.Option(min=1, max=1000, help="events shown first")] = 20,
                action: Action = None,
                follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing new events")] = False,
@@ -131,32 +153,74 @@ def audit_tail(url: Url = DEFAULT_URL, admin_key: AdminKey = None, product: Prod
                as_json: Annotated[bool, typer.Option("--json", help="a JSON array; with --follow one JSON "
                                                                     "object per line")] = False,
                wide: Wide = False) -> None:
-    """The latest audit events, oldest first; --follow polls for new ones until interrupted."""
+    """The latest audit events, oldest first; --follow polls for new ones until interrupted.
+
+    With the admin key: every product's, or --product's. With a platform key (and no --product): that
+    product's own rows."""
     only = action.value if action else None
-    with client(url, None, admin_key) as c:
-        pid = resolve_product(c, product)
-        events = list(reversed(c.audit(pid, limit, 0, only)))
+    own = bool(platform_key) and not product
+    with client(url, platform_key if own else None, None if own else admin_key) as c:
+        pid = None if own else resolve_product(c, product)
+        if own:
+            events = list(reversed(c.audit_page(limit=limit, action=only).events))
+        else:
+            events = list(reversed(c.audit(pid, limit, 0, only)))
         if as_json and not follow:
             render.emit_json(events)
             return
         _show(events, as_json, follow, wide)
-        last = events[-1].id if events else max((e.id for e in c.audit(pid, 1, 0, None)), default=0)
+        if events:
+            last = events[-1].id
+        elif own:
+            last = max((e.id for e in c.audit_page(limit=1).events), default=0)
+        else:
+            last = max((e.id for e in c.audit(pid, 1, 0, None)), default=0)
         done = 0
         while follow and (polls is None or done < polls):
             try:
                 time.sleep(interval)
             except KeyboardInterrupt:
                 return
-            fresh = c.audit(pid, 1000, last, only)
+            fresh = _platform_since(c, last, only) if own else c.audit(pid, 1000, last, only)
             _show(fresh, as_json, follow, wide)
             last = max([last, *(e.id for e in fresh)])
             done += 1
+
+
+@audit_app.command("list")
+def audit_list(url: Url = DEFAULT_URL, platform_key: PlatformKey = None,
+               user: Annotated[str | None, typer.Option("--user", show_default=False, help="only this user's")] = None,
+               engine: Annotated[str | None, typer.Option("--engine", show_default=False,
+                                                          help="only this engine's (its id)")] = None,
+               action: Action = None, since: Since = None, until: Until = None,
+               limit: Annotated[int, typer.Option(min=1, help="at most this many (the newest)")] = 100,
+               all_: Annotated[bool, typer.Option("--all", help="every matching row (no --limit)")] = False,
+               page_size: Annotated[int, typer.Option(min=1, max=1000, help="rows per request")] = 100,
+               as_json: AsJson = False, wide: Wide = False) -> None:
+    """The product's audit rows matching the filters, newest first, following the pages (platform key).
+
+    Health checks and denied admits are rows too (`--action admit_denied`)."""
+    rows: list[AuditEvent] = []
+    with client(url, platform_key) as c:
+        size = page_size if all_ else min(page_size, limit)
+        for row in c.iter_audit(user_id=user, engine_id=engine, action=action.value if action else None,
+                                since=since, until=until, page_size=size):
+            rows.append(row)
+            if not all_ and len(rows) >= limit:
+                break
+    if as_json:
+        render.emit_json(rows)
+        return
+    render.show(render.audit_grid(rows, wide), wide=wide)
 
 
 def register_ops(app: typer.Typer, products_app: typer.Typer) -> None:
     """Add the ops commands to the CLI (called by main.py)."""
     app.add_typer(engines_app, name="engines")
     app.add_typer(audit_app, name="audit")
+    app.add_typer(webhook_app, name="webhook")
     app.command("status")(status)
+    app.command("events")(events)
+    app.command("usage")(usage)
     products_app.command("list")(products_list)
     products_app.command("policy")(products_policy)

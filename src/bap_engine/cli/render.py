@@ -20,10 +20,11 @@ from rich.measure import Measurement
 from rich.table import Table
 from rich.text import Text
 
-from bap_engine.client import AuditEvent, Engine, FleetMetrics, FleetStatus, Product
+from bap_engine.client import AuditEvent, Engine, Event, FleetMetrics, FleetStatus, Product, Usage, Webhook
 
 __all__ = ["STATES", "SHORT_ID", "out", "err", "show", "plain", "emit_json", "emit_json_line", "short_id", "when",
-           "engine_table", "engine_detail", "product_table", "fleet_tables", "audit_grid"]
+           "safe", "duration", "engine_table", "engine_detail", "product_table", "fleet_tables", "audit_grid",
+           "event_grid", "usage_table", "webhook_detail"]
 
 STATES = ("provisioning", "running", "sleeping", "stopped", "failed", "destroying")
 SHORT_ID = 8
@@ -123,13 +124,13 @@ def _row(table: Table, *cells: str) -> None:
 
 
 def engine_table(engines: Sequence[Engine], title: str, wide: bool) -> Table:
-    """user, status, url, version, created; --wide adds the last health check and the engine id."""
-    cols = ["user", "status", "url", "version", "created"] + (["last health", "id"] if wide else [])
+    """user, status, url, version, created; --wide adds the last health check, idle sleep and the engine id."""
+    cols = ["user", "status", "url", "version", "created"] + (["last health", "idle sleep", "id"] if wide else [])
     table = _table(title, cols, fixed=("status", "url", "created", "id"))
     for e in engines:
         cells = [e.user_id, e.status, e.url or "-", _image(e.engine_version, wide), when(e.created_at, wide)]
         if wide:
-            cells += [when(e.last_health_at, wide), e.engine_id]
+            cells += [when(e.last_health_at, wide), e.idle_sleep or "-", e.engine_id]
         _row(table, *cells)
     return table
 
@@ -164,7 +165,8 @@ def product_table(products: Sequence[Product], wide: bool) -> Table:
 
 def fleet_tables(fleet: FleetStatus, figures: FleetMetrics) -> tuple[Table, Table]:
     """The product's engines by state, and the last hour's figures."""
-    states = _table(f"fleet: {fleet.total} engines, health {fleet.health}", STATES, right=STATES)
+    warm = f", {fleet.warm} warm in the pool" if fleet.warm else ""
+    states = _table(f"fleet: {fleet.total} engines, health {fleet.health}{warm}", STATES, right=STATES)
     _row(states, *(str(fleet.by_status.get(s, 0)) for s in STATES))
     cols = ("provisions", "crashes", "restarts", "avg boot ms", "unhealthy")
     hour = _table("last hour", cols, right=cols)
@@ -179,21 +181,24 @@ def _meta(metadata: Mapping[str, object]) -> str:
                     for k, v in sorted(metadata.items()))
 
 
-def _event_text(e: AuditEvent, wide: bool) -> str:
+def _event_text(e: AuditEvent | Event, wide: bool) -> str:
     parts = [e.action]
     if e.user_id:
         parts.append(e.user_id)
     parts.append(f"by {e.actor}")
-    if e.duration_ms is not None:
-        parts.append(f"{e.duration_ms}ms")
+    duration_ms = e.duration_ms if isinstance(e, AuditEvent) else None
+    if duration_ms is not None:
+        parts.append(f"{duration_ms}ms")
     if e.metadata:
         parts.append(_meta(e.metadata))
     if wide:
-        parts += [f"#{e.id}", f"product={e.product_id or '-'}", f"engine={e.engine_id or '-'}"]
+        if isinstance(e, AuditEvent):  # (an Event's id has a column of its own)
+            parts += [f"#{e.id}", f"product={e.product_id or '-'}"]
+        parts.append(f"engine={e.engine_id or '-'}")
     return " ".join(parts)
 
 
-def audit_grid(events: Sequence[AuditEvent], wide: bool) -> Table:
+def audit_grid(events: Sequence[AuditEvent | Event], wide: bool) -> Table:
     """One event per row: its time, then what happened (wrapped under itself, never cut)."""
     grid = Table.grid(padding=(0, 2))
     grid.add_column(no_wrap=True)
@@ -201,3 +206,62 @@ def audit_grid(events: Sequence[AuditEvent], wide: bool) -> Table:
     for e in events:
         grid.add_row(Text(when(e.timestamp, wide, seconds=True)), Text(safe(_event_text(e, wide))))
     return grid
+
+
+def event_grid(events: Sequence[Event], wide: bool) -> Table:
+    """Lifecycle events as the audit grid shows rows: time, then `action user by actor meta`; the
+    event id (what --after takes) first."""
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(no_wrap=True, justify="right")
+    grid.add_column(no_wrap=True)
+    grid.add_column(overflow="fold")
+    for e in events:
+        grid.add_row(Text(str(e.id)), Text(when(e.timestamp, wide, seconds=True)), Text(safe(_event_text(e, wide))))
+    return grid
+
+
+def duration(seconds: int) -> str:
+    """Whole seconds for a person: 42s, 12m 05s, 3h 07m, 2d 04h (two units at most, rounded down)."""
+    s = max(0, seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m {s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h {s % 3600 // 60:02d}m"
+    return f"{s // 86400}d {s % 86400 // 3600:02d}h"
+
+
+_USAGE_COLS = ("user", "running", "sleeping", "stopped", "provisions", "wakes", "restarts")
+
+
+def usage_table(report: Usage, wide: bool) -> Table:
+    """A row per user, then the totals; durations for a person (--wide: exact seconds too)."""
+    window = f"{when(report.since, wide, seconds=True)} to {when(report.until, wide, seconds=True)}"
+    table = _table(f"usage {window}{'' if wide else ' UTC'}", _USAGE_COLS, fixed=_USAGE_COLS[1:],
+                   right=_USAGE_COLS[1:])
+
+    def spent(s: int) -> str:
+        return f"{duration(s)} ({s}s)" if wide and s >= 60 else duration(s)
+
+    for u in report.users:
+        _row(table, u.user_id, spent(u.running_s), spent(u.sleeping_s), spent(u.stopped_s), str(u.provisions),
+             str(u.wakes), str(u.restarts))
+    t = report.totals
+    count = len(report.users)
+    # a user id holds neither a space nor a parenthesis: this row cannot be mistaken for a user's
+    table.add_row(*(Text(safe(c), style="bold") for c in (
+        f"total ({count} user{'' if count == 1 else 's'})", spent(t.running_s), spent(t.sleeping_s),
+        spent(t.stopped_s), str(t.provisions), str(t.wakes), str(t.restarts))))
+    return table
+
+
+def webhook_detail(product: str, hook: Webhook, wide: bool) -> Table:
+    """A product's webhook, a field per line (never its secret)."""
+    table = _table(None, ["field", "value"], fixed=("field",))
+    table.show_header = False
+    for k, v in (("product", product), ("url", hook.url), ("pending", str(hook.pending)),
+                 ("last status", "-" if hook.last_status is None else str(hook.last_status)),
+                 ("last delivery", when(hook.last_delivery_at, wide, seconds=True))):
+        _row(table, k, v)
+    return table

@@ -14,6 +14,7 @@ from bap_engine_client import (
     Admission,
     AsyncBapClient,
     AuditEvent,
+    AuditPage,
     BackendError,
     BapClient,
     BapClientError,
@@ -28,6 +29,7 @@ from bap_engine_client import (
     EngineNotFound,
     EngineNotRunning,
     EnginePage,
+    Event,
     FleetMetrics,
     FleetStatus,
     InternalError,
@@ -48,7 +50,14 @@ from bap_engine_client import (
     RetryPolicy,
     RouteNotFound,
     ServiceUnavailable,
+    Usage,
+    UsageTotals,
+    UserUsage,
     ValidationError,
+    Webhook,
+    WebhookNotFound,
+    WebhookSecret,
+    verify_signature,
 )
 
 __all__ = [
@@ -59,5 +68,6 @@ __all__ = [
     "InvalidPlatformKey", "InvalidAdminKey", "PolicyDenied", "ProductNotFound", "EngineNotFound",
     "ProductSlugExists", "EngineAlreadyExists", "EngineNotRunning", "EngineAlreadyRunning", "EngineBusy",
     "QuotaExceeded", "RateLimited", "InternalError", "BackendError", "PortExhaustion", "ServiceUnavailable",
-    "BootTimeout", "NotAdmitted", "MissingKey", "ConnectionFailed",
+    "BootTimeout", "NotAdmitted", "MissingKey", "ConnectionFailed", "WebhookNotFound", "verify_signature",
+    "AuditPage", "Event", "Usage", "UserUsage", "UsageTotals", "Webhook", "WebhookSecret",
 ]

@@ -1,11 +1,14 @@
 """What both clients share: one `Call` per endpoint (method, path, body, parser), the retry policy,
-and how an engine's 401 for a stale key is recognised. No I/O here."""
+how an engine's 401 for a stale key is recognised, and the Server-Sent Events parser of `events()`.
+No I/O here."""
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Generic, Literal, TypeVar
 from urllib.parse import quote
 
@@ -15,23 +18,32 @@ from bap_engine_client._errors import BapClientError, MissingKey
 from bap_engine_client._models import (
     Admission,
     AuditEvent,
+    AuditPage,
     Engine,
     EngineAction,
     EnginePage,
+    Event,
     FleetMetrics,
     FleetStatus,
     Json,
     Product,
     RegisteredProduct,
+    Usage,
+    Webhook,
+    WebhookSecret,
 )
 
 __all__ = [
     "Call", "RetryPolicy", "Keys", "key_rejected", "engine_url", "DEFAULT_URL", "USER_AGENT", "STALE_KEY_CODES",
+    "SseMessage", "SseParser", "Instant", "IdleSleep", "EVENTS_PATH", "parse_event", "fatal", "reconnect_delay",
 ]
 
 T = TypeVar("T")
 Auth = Literal["platform", "admin", "none"]
 Params = Mapping[str, str | int]
+Instant = datetime | str  # a timezone-aware datetime, or ISO 8601 with Z or an offset (sent as is)
+IdleSleep = Literal["auto", "never"]
+EVENTS_PATH = "/events"
 DEFAULT_URL = "http://127.0.0.1:8000"
 USER_AGENT = "bap-engine-client"
 STALE_KEY_CODES = frozenset({"INVALID_KEY", "KEY_ROTATION_PENDING"})
@@ -113,12 +125,132 @@ def engine_url(base: str, path: str) -> str:
     return base.rstrip("/") + "/" + path.lstrip("/")
 
 
+@dataclass(frozen=True, slots=True)
+class SseMessage:
+    """One dispatched Server-Sent Event: its `id:` (the last one seen in the stream, as EventSource
+    keeps it), `event:` (default "message") and its `data:` lines joined by newlines."""
+
+    data: str
+    event: str = "message"
+    id: str | None = None
+
+
+class SseParser:
+    """An incremental text/event-stream parser (the WHATWG rules): feed it the bytes as they come,
+    in chunks of any size; it returns the events completed so far.
+
+    Lines end with CRLF, LF or CR (a CR at the end of a chunk may be the first half of a CRLF); a
+    leading BOM is dropped; `:` starts a comment (`comments` counts them: keep-alives); `field: value`
+    loses one space after the colon; a line without a colon is a field with an empty value; several
+    `data:` lines are joined with newlines; a blank line dispatches the event, unless it has no data;
+    `retry:` (digits only) sets `retry_ms`; an `id:` holding NUL is ignored; unknown fields are ignored.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._cr = False  # the previous chunk ended with CR: a LF starting this one belongs to it
+        self._started = False
+        self._data: list[str] = []
+        self._event = ""
+        self.last_id: str | None = None
+        self.retry_ms: int | None = None
+        self.comments = 0
+
+    def feed(self, chunk: bytes) -> list[SseMessage]:
+        if not chunk:
+            return []
+        if self._cr and chunk.startswith(b"\n"):
+            chunk = chunk[1:]
+        self._cr = chunk.endswith(b"\r")
+        lines = (self._buffer + chunk).replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+        self._buffer = lines.pop()  # the unterminated rest (b"" after a line end)
+        out: list[SseMessage] = []
+        for raw in lines:
+            message = self._line(raw.decode("utf-8", errors="replace"))
+            if message is not None:
+                out.append(message)
+        return out
+
+    def _line(self, line: str) -> SseMessage | None:
+        if not self._started:
+            self._started = True
+            line = line.removeprefix("\ufeff")
+        if not line:
+            return self._dispatch()
+        if line.startswith(":"):
+            self.comments += 1
+            return None
+        name, colon, value = line.partition(":")
+        if colon and value.startswith(" "):
+            value = value[1:]
+        if name == "data":
+            self._data.append(value)
+        elif name == "event":
+            self._event = value
+        elif name == "id" and "\0" not in value:
+            self.last_id = value
+        elif name == "retry" and value.isascii() and value.isdigit():
+            self.retry_ms = int(value)
+        return None
+
+    def _dispatch(self) -> SseMessage | None:
+        data, event = self._data, self._event
+        self._data, self._event = [], ""
+        if not data:
+            return None
+        return SseMessage("\n".join(data), event or "message", self.last_id)
+
+
+def parse_event(message: SseMessage) -> Event:
+    """The event an SSE message of GET /events carries in its data (JSON)."""
+    try:
+        doc = json.loads(message.data)
+    except ValueError:
+        raise BapClientError("unexpected event: its data is not JSON", code="BAD_RESPONSE") from None
+    return Event.parse(doc)
+
+
+def fatal(error: BapClientError, retry: RetryPolicy) -> bool:
+    """An answer a reconnect cannot change: a 4xx other than the retried codes (a bad key, a bad id)."""
+    return 400 <= error.status < 500 and error.code not in retry.retry_codes
+
+
+def reconnect_delay(delay_s: float | None, retry_ms: int | None, failures: int, error: BapClientError | None,
+                    retry: RetryPolicy) -> float:
+    """Seconds before the next connection of a stream that was connected: `delay_s`, else the server's
+    `retry:` hint, else 1 s; doubled per consecutive failed attempt up to `retry.backoff_max_s` (never
+    below the base), +10 % jitter; at least the Retry-After of a 429/503."""
+    base = delay_s if delay_s is not None else (retry_ms / 1000 if retry_ms is not None else 1.0)
+    delay = float(min(max(base, retry.backoff_max_s), base * 2 ** min(failures, 30)) * (1 + random.random() * 0.1))
+    if error is not None and error.retry_after is not None:
+        delay = max(delay, error.retry_after)
+    return delay
+
+
+def instant(name: str, value: Instant) -> str:
+    """A query-string time: a datetime must be timezone-aware (a naive one is ambiguous: ValueError)."""
+    if isinstance(value, datetime):
+        if value.utcoffset() is None:
+            raise ValueError(f"{name}: a timezone-aware datetime is needed (e.g. datetime.now(UTC))")
+        return value.isoformat()
+    return value
+
+
+def _params(**values: str | int | Instant | None) -> dict[str, str | int]:
+    """The given query parameters (None: left out), times as ISO 8601."""
+    return {k: instant(k, v) if isinstance(v, datetime) else v for k, v in values.items() if v is not None}
+
+
 def _u(user_id: str) -> str:
     return quote(user_id, safe="")
 
 
 def _ok(raw: object) -> bool:
     return True
+
+
+def _none(raw: object) -> None:
+    return None
 
 
 def _policy(raw: object) -> Json:
@@ -188,6 +320,21 @@ def health() -> Call[bool]:
     return Call("GET", "/health", _ok, auth="none", retry=False)
 
 
+def set_idle_sleep(user_id: str, idle_sleep: IdleSleep) -> Call[Engine]:
+    return Call("PATCH", f"/engines/{_u(user_id)}", Engine.parse, json={"idle_sleep": idle_sleep})
+
+
+def audit_page(user_id: str | None, engine_id: str | None, action: str | None, since: Instant | None,
+               until: Instant | None, limit: int, cursor: str | None) -> Call[AuditPage]:
+    params = _params(user_id=user_id, engine_id=engine_id, action=action, since=since, until=until, limit=limit,
+                     cursor=cursor)
+    return Call("GET", "/audit", AuditPage.parse, params=params)
+
+
+def usage(since: Instant | None, until: Instant | None, user_id: str | None) -> Call[Usage]:
+    return Call("GET", "/usage", Usage.parse, params=_params(since=since, until=until, user_id=user_id))
+
+
 # --- admin calls (X-Admin-Key) ---------------------------------------------------------------------
 def register_product(slug: str, display_name: str, policy: Mapping[str, object] | None) -> Call[RegisteredProduct]:
     body: Json = {"slug": slug, "display_name": display_name}
@@ -225,6 +372,18 @@ def audit(product_id: str | None, limit: int, after_id: int, action: str | None)
         params["action"] = action
     path = f"/products/{_u(product_id)}/audit" if product_id else "/audit"
     return Call("GET", path, _events, auth="admin", params=params)
+
+
+def set_webhook(product_id: str, url: str) -> Call[WebhookSecret]:
+    return Call("PUT", f"/products/{_u(product_id)}/webhook", WebhookSecret.parse, auth="admin", json={"url": url})
+
+
+def get_webhook(product_id: str) -> Call[Webhook]:
+    return Call("GET", f"/products/{_u(product_id)}/webhook", Webhook.parse, auth="admin")
+
+
+def delete_webhook(product_id: str) -> Call[None]:
+    return Call("DELETE", f"/products/{_u(product_id)}/webhook", _none, auth="admin")
 
 
 def admin_action(product_id: str, user_id: str, verb: Literal["start", "stop"]) -> Call[EngineAction]:

@@ -10,6 +10,7 @@
     ├── PolicyDenied                POLICY_DENIED
     ├── ProductNotFound             PRODUCT_NOT_FOUND
     ├── EngineNotFound              ENGINE_NOT_FOUND
+    ├── WebhookNotFound             WEBHOOK_NOT_FOUND
     ├── ProductSlugExists           PRODUCT_SLUG_EXISTS
     ├── EngineAlreadyExists         ENGINE_ALREADY_EXISTS
     ├── EngineNotRunning            ENGINE_NOT_RUNNING
@@ -38,7 +39,7 @@ import httpx
 
 __all__ = [
     "BapClientError", "ValidationError", "RouteNotFound", "MethodNotAllowed", "PayloadTooLarge",
-    "InvalidPlatformKey", "InvalidAdminKey", "PolicyDenied", "ProductNotFound", "EngineNotFound",
+    "InvalidPlatformKey", "InvalidAdminKey", "PolicyDenied", "ProductNotFound", "EngineNotFound", "WebhookNotFound",
     "ProductSlugExists", "EngineAlreadyExists", "EngineNotRunning", "EngineAlreadyRunning", "EngineBusy",
     "QuotaExceeded", "RateLimited", "InternalError", "BackendError", "PortExhaustion", "ServiceUnavailable",
     "BootTimeout", "NotAdmitted", "MissingKey", "ConnectionFailed", "ERRORS_BY_CODE", "error_from_response",
@@ -115,6 +116,12 @@ class EngineNotFound(BapClientError):
     """The product has no engine for that user (404)."""
 
     code = "ENGINE_NOT_FOUND"
+
+
+class WebhookNotFound(BapClientError):
+    """The product has no webhook (404)."""
+
+    code = "WEBHOOK_NOT_FOUND"
 
 
 class ProductSlugExists(BapClientError):
@@ -215,9 +222,9 @@ class ConnectionFailed(BapClientError):
 ERRORS_BY_CODE: Mapping[str, type[BapClientError]] = MappingProxyType({
     cls.code: cls for cls in (
         ValidationError, RouteNotFound, MethodNotAllowed, PayloadTooLarge, InvalidPlatformKey, InvalidAdminKey,
-        PolicyDenied, ProductNotFound, EngineNotFound, ProductSlugExists, EngineAlreadyExists, EngineNotRunning,
-        EngineAlreadyRunning, EngineBusy, QuotaExceeded, RateLimited, InternalError, BackendError, PortExhaustion,
-        ServiceUnavailable, BootTimeout,
+        PolicyDenied, ProductNotFound, EngineNotFound, WebhookNotFound, ProductSlugExists, EngineAlreadyExists,
+        EngineNotRunning, EngineAlreadyRunning, EngineBusy, QuotaExceeded, RateLimited, InternalError, BackendError,
+        PortExhaustion, ServiceUnavailable, BootTimeout,
     )
 })
 

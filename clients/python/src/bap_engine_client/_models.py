@@ -5,7 +5,7 @@ Keys (`api_key`, `platform_api_key`) are excluded from `repr`, so printing a res
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -13,7 +13,8 @@ from bap_engine_client._errors import BapClientError, NotAdmitted
 
 __all__ = [
     "Engine", "Admission", "EngineAction", "EnginePage", "FleetStatus", "FleetMetrics", "BootBucket",
-    "RegisteredProduct", "Product", "AuditEvent", "Json",
+    "RegisteredProduct", "Product", "AuditEvent", "AuditPage", "Event", "Usage", "UserUsage", "UsageTotals",
+    "Webhook", "WebhookSecret", "Json",
 ]
 
 Json = dict[str, object]
@@ -54,13 +55,19 @@ def _ts(doc: Json, key: str) -> datetime | None:
     return datetime.fromisoformat(value) if value else None
 
 
+def _meta(doc: Json) -> Mapping[str, object]:
+    meta = doc.get("metadata")
+    return dict(meta) if isinstance(meta, dict) else {}
+
+
 def _counts(value: object) -> Mapping[str, int]:
     return {str(k): int(v) for k, v in value.items() if isinstance(v, int)} if isinstance(value, dict) else {}
 
 
 @dataclass(frozen=True, slots=True)
 class Engine:
-    """A user's engine. `api_key` is set only by provision, get, admit and rotate_key."""
+    """A user's engine. `api_key` is set only by provision, get, admit and rotate_key; `idle_sleep`
+    ("auto" or "never", see `set_idle_sleep`) by get, set_idle_sleep and the listings."""
 
     engine_id: str
     user_id: str
@@ -70,13 +77,15 @@ class Engine:
     engine_version: str | None = None
     created_at: datetime | None = None
     last_health_at: datetime | None = None
+    idle_sleep: str | None = None
 
     @classmethod
     def parse(cls, raw: object) -> Engine:
         doc = _obj(raw)
         return cls(engine_id=_s(doc, "engine_id"), user_id=_s(doc, "user_id"), status=_s(doc, "status"),
                    url=_os(doc, "url"), api_key=_os(doc, "api_key"), engine_version=_os(doc, "engine_version"),
-                   created_at=_ts(doc, "created_at"), last_health_at=_ts(doc, "last_health_at"))
+                   created_at=_ts(doc, "created_at"), last_health_at=_ts(doc, "last_health_at"),
+                   idle_sleep=_os(doc, "idle_sleep"))
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,16 +149,20 @@ class EnginePage:
 
 @dataclass(frozen=True, slots=True)
 class FleetStatus:
+    """The product's engines by state; `warm`: booted engines of its warm pool not yet given to a user
+    (policy `warm_pool`; 0 from a server without one)."""
+
     total: int
     by_status: Mapping[str, int]
     health: str
     unhealthy_count: int
+    warm: int = 0
 
     @classmethod
     def parse(cls, raw: object) -> FleetStatus:
         doc = _obj(raw)
         return cls(total=_i(doc, "total"), by_status=_counts(doc.get("by_status")), health=_s(doc, "health"),
-                   unhealthy_count=_i(doc, "unhealthy_count"))
+                   unhealthy_count=_i(doc, "unhealthy_count"), warm=_oi(doc, "warm") or 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +239,9 @@ class Product:
 
 @dataclass(frozen=True, slots=True)
 class AuditEvent:
+    """An audit row. `product_id` is set in the admin view (`audit`) only; a product's own rows
+    (`iter_audit`, `audit_page`) are all its own."""
+
     id: int
     timestamp: datetime | None
     product_id: str | None
@@ -239,8 +255,133 @@ class AuditEvent:
     @classmethod
     def parse(cls, raw: object) -> AuditEvent:
         doc = _obj(raw)
-        meta = doc.get("metadata")
         return cls(id=_i(doc, "id"), timestamp=_ts(doc, "timestamp"), product_id=_os(doc, "product_id"),
                    user_id=_os(doc, "user_id"), engine_id=_os(doc, "engine_id"), action=_s(doc, "action"),
-                   actor=_s(doc, "actor"), metadata=dict(meta) if isinstance(meta, dict) else {},
-                   duration_ms=_oi(doc, "duration_ms"))
+                   actor=_s(doc, "actor"), metadata=_meta(doc), duration_ms=_oi(doc, "duration_ms"))
+
+
+@dataclass(frozen=True, slots=True)
+class AuditPage:
+    """One page of a product's audit rows, newest first; `next_cursor` continues it (None: the last page)."""
+
+    events: tuple[AuditEvent, ...]
+    next_cursor: str | None
+
+    @classmethod
+    def parse(cls, raw: object) -> AuditPage:
+        doc = _obj(raw)
+        items = doc.get("events")
+        events = tuple(AuditEvent.parse(e) for e in items) if isinstance(items, list) else ()
+        return cls(events=events, next_cursor=_os(doc, "next_cursor"))
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A lifecycle event of `events()`: one audit row of the product (not `health_check` nor
+    `admit_denied`); `id` is the audit id, increasing, what a stream resumes after."""
+
+    id: int
+    timestamp: datetime | None
+    action: str
+    user_id: str | None
+    engine_id: str | None
+    actor: str
+    metadata: Mapping[str, object]
+
+    @classmethod
+    def parse(cls, raw: object) -> Event:
+        doc = _obj(raw)
+        return cls(id=_i(doc, "id"), timestamp=_ts(doc, "timestamp"), action=_s(doc, "action"),
+                   user_id=_os(doc, "user_id"), engine_id=_os(doc, "engine_id"), actor=_s(doc, "actor"),
+                   metadata=_meta(doc))
+
+
+@dataclass(frozen=True, slots=True)
+class UsageTotals:
+    """Whole seconds spent running, sleeping and stopped in the window, and the counts of provisions
+    (pool claims included), wakes and restarts."""
+
+    running_s: int
+    sleeping_s: int
+    stopped_s: int
+    provisions: int
+    wakes: int
+    restarts: int
+
+    @classmethod
+    def parse(cls, raw: object) -> UsageTotals:
+        doc = _obj(raw)
+        return cls(running_s=_i(doc, "running_s"), sleeping_s=_i(doc, "sleeping_s"), stopped_s=_i(doc, "stopped_s"),
+                   provisions=_i(doc, "provisions"), wakes=_i(doc, "wakes"), restarts=_i(doc, "restarts"))
+
+
+@dataclass(frozen=True, slots=True)
+class UserUsage:
+    """One user's figures in the window (as `UsageTotals`)."""
+
+    user_id: str
+    running_s: int
+    sleeping_s: int
+    stopped_s: int
+    provisions: int
+    wakes: int
+    restarts: int
+
+    @classmethod
+    def parse(cls, raw: object) -> UserUsage:
+        doc = _obj(raw)
+        t = UsageTotals.parse(doc)
+        return cls(user_id=_s(doc, "user_id"), running_s=t.running_s, sleeping_s=t.sleeping_s,
+                   stopped_s=t.stopped_s, provisions=t.provisions, wakes=t.wakes, restarts=t.restarts)
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """The product's usage in [since, until): per user, and the totals (the sums of the users)."""
+
+    since: datetime | None
+    until: datetime | None
+    users: tuple[UserUsage, ...]
+    totals: UsageTotals
+
+    @classmethod
+    def parse(cls, raw: object) -> Usage:
+        doc = _obj(raw)
+        items = doc.get("users")
+        users = tuple(UserUsage.parse(u) for u in items) if isinstance(items, list) else ()
+        return cls(since=_ts(doc, "since"), until=_ts(doc, "until"), users=users,
+                   totals=UsageTotals.parse(doc.get("totals")))
+
+
+@dataclass(frozen=True, slots=True)
+class Webhook:
+    """A product's webhook and its delivery state (never its secret): `pending` events not yet
+    acknowledged (counted up to 10000), the HTTP status and time of the last delivery attempt."""
+
+    url: str
+    pending: int
+    last_status: int | None
+    last_delivery_at: datetime | None
+
+    @classmethod
+    def parse(cls, raw: object) -> Webhook:
+        doc = _obj(raw)
+        return cls(url=_s(doc, "url"), pending=_i(doc, "pending"), last_status=_oi(doc, "last_status"),
+                   last_delivery_at=_ts(doc, "last_delivery_at"))
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookSecret:
+    """The answer of set_webhook: the URL and its signing secret, shown once (`url, secret = ...`
+    unpacks it; the secret stays out of `repr`)."""
+
+    url: str
+    secret: str = field(repr=False)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter((self.url, self.secret))
+
+    @classmethod
+    def parse(cls, raw: object) -> WebhookSecret:
+        doc = _obj(raw)
+        return cls(_s(doc, "url"), _s(doc, "secret"))

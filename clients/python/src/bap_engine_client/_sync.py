@@ -8,31 +8,51 @@ Generated from `_async.py` by `scripts/gen_sync.py`: edit `_async.py`, then run
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Generator, Iterable, Iterator, Mapping
 from types import TracebackType
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import httpx
 
 from bap_engine_client import _calls as c
-from bap_engine_client._calls import DEFAULT_URL, USER_AGENT, Call, Keys, RetryPolicy, engine_url, key_rejected
+from bap_engine_client._calls import (
+    DEFAULT_URL,
+    USER_AGENT,
+    Call,
+    IdleSleep,
+    Instant,
+    Keys,
+    RetryPolicy,
+    engine_url,
+    key_rejected,
+)
 from bap_engine_client._errors import BapClientError, ConnectionFailed, error_from_response
 from bap_engine_client._models import (
     Admission,
     AuditEvent,
+    AuditPage,
     Engine,
     EngineAction,
     EnginePage,
+    Event,
     FleetMetrics,
     FleetStatus,
     Json,
     Product,
     RegisteredProduct,
+    Usage,
+    Webhook,
+    WebhookSecret,
 )
 
 __all__ = ["BapClient"]
 
 T = TypeVar("T")
+
+
+def _chunks(response: httpx.Response) -> Iterable[bytes]:
+    """The body as it arrives (the events request asks for no content-encoding)."""
+    return cast("Iterable[bytes]", response.stream)
 
 
 class BapClient:
@@ -144,6 +164,121 @@ class BapClient:
     def metrics(self) -> FleetMetrics:
         return self._run(c.metrics())
 
+    def set_idle_sleep(self, user_id: str, idle_sleep: IdleSleep) -> Engine:
+        """"never" keeps the engine awake (the idle worker skips it), "auto" lets it sleep when idle
+        again; returns the engine as `get` does (with its key). No state change (EngineNotFound)."""
+        return self._run(c.set_idle_sleep(user_id, idle_sleep))
+
+    def usage(self, *, since: Instant | None = None, until: Instant | None = None,
+                    user_id: str | None = None) -> Usage:
+        """Seconds running, sleeping and stopped, provisions, wakes and restarts per user in [since, until)
+        (default: the last 24 hours). Times: timezone-aware datetimes or ISO 8601 strings."""
+        return self._run(c.usage(since, until, user_id))
+
+    def audit_page(
+        self, *, user_id: str | None = None, engine_id: str | None = None, action: str | None = None,
+        since: Instant | None = None, until: Instant | None = None, limit: int = 100, cursor: str | None = None,
+    ) -> AuditPage:
+        """One page of the product's audit rows, newest first; pass its `next_cursor` as `cursor` (with the
+        same filters) for the next. `iter_audit` follows the cursors for you."""
+        return self._run(c.audit_page(user_id, engine_id, action, since, until, limit, cursor))
+
+    def iter_audit(
+        self, *, user_id: str | None = None, engine_id: str | None = None, action: str | None = None,
+        since: Instant | None = None, until: Instant | None = None, page_size: int = 100,
+    ) -> Iterator[AuditEvent]:
+        """Every audit row of the product matching the filters, newest first, each once, page by page
+        (rows written meanwhile are not among them). The admin view of any product is `audit`."""
+        cursor: str | None = None
+        while True:
+            page = self.audit_page(user_id=user_id, engine_id=engine_id, action=action, since=since,
+                                         until=until, limit=page_size, cursor=cursor)
+            for event in page.events:  # noqa: UP028 (an async generator cannot `yield from`)
+                yield event
+            if page.next_cursor is None or not page.events:
+                return
+            cursor = page.next_cursor
+
+    def events(
+        self, after_id: int | None = None, *, reconnect: bool = True, reconnect_delay: float | None = None,
+        idle_timeout: float = 45.0,
+    ) -> Generator[Event, None]:
+        """The product's lifecycle events (GET /events), oldest first, then live, for as long as the caller
+        iterates over them (a generator of `Event`; see the README for a loop).
+
+        `after_id`: the events strictly after that id (history first), else the events after this call
+        (the newest audit id is read first, so that a reconnect before the first event loses nothing).
+        A dropped connection, a stream the server ended, or `idle_timeout` seconds without a byte (the
+        server sends a keep-alive every 15 s) is followed by a reconnect with Last-Event-ID set to the
+        last event yielded: every event is yielded once, in order. Reconnects wait `reconnect_delay`
+        seconds (default: the server's `retry:` hint), doubled after each failed attempt up to the retry
+        policy's `backoff_max_s`, and go on without end. Not reconnected: a 4xx (InvalidPlatformKey,
+        ValidationError); the first connection fails as any call does (after the retry policy's
+        attempts). `reconnect=False`: one connection; it returns when the server ends the stream and
+        raises ConnectionFailed (TRANSPORT_ERROR) when the connection drops.
+
+        The connection is closed when the generator is: by `.close()` (at once), or once it is garbage
+        collected after the caller broke out of its loop.
+        """
+        headers = {**self._keys.headers("platform"), "Accept": "text/event-stream", "Accept-Encoding": "identity",
+                   "Cache-Control": "no-cache"}
+        last = after_id
+        if last is None and reconnect:
+            newest = self.audit_page(limit=1)
+            last = newest.events[0].id if newest.events else 0
+        t = self._http.timeout
+        timeout = httpx.Timeout(connect=t.connect, read=idle_timeout, write=t.write, pool=t.pool)
+        retry_ms: int | None = None
+        connected, closing, failures = False, False, 0
+        while True:
+            error: BapClientError | None = None
+            sent = headers if last is None else {**headers, "Last-Event-ID": str(last)}
+            try:
+                with self._http.stream("GET", c.EVENTS_PATH, headers=sent, timeout=timeout) as response:
+                    if not response.is_success:
+                        body = b""
+                        for chunk in _chunks(response):
+                            body += chunk
+                        error = error_from_response(httpx.Response(response.status_code, headers=response.headers,
+                                                                   content=body))
+                    else:
+                        connected, failures = True, 0
+                        parser = c.SseParser()
+                        for chunk in _chunks(response):
+                            for message in parser.feed(chunk):
+                                event = c.parse_event(message)
+                                if last is not None and event.id <= last:
+                                    continue  # the server resumes strictly after Last-Event-ID: never expected
+                                last = event.id
+                                try:
+                                    yield event
+                                except GeneratorExit:
+                                    closing = True
+                                    raise
+                            retry_ms = parser.retry_ms if parser.retry_ms is not None else retry_ms
+            except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as err:
+                error = ConnectionFailed(f"cannot reach {self.base_url}: {type(err).__name__}")
+            except httpx.TransportError as err:
+                if closing:
+                    return  # closing the response of a stream the caller left failed: nothing to tell
+                error = ConnectionFailed(f"GET {c.EVENTS_PATH}: {type(err).__name__}", code="TRANSPORT_ERROR")
+            if error is not None and c.fatal(error, self._retry):
+                raise error
+            if connected and not reconnect:
+                if error is None:
+                    return
+                raise error
+            if connected:
+                delay = c.reconnect_delay(reconnect_delay, retry_ms, failures, error, self._retry)
+            else:
+                assert error is not None  # without a 200 there is an error
+                first = self._retry.delay(error, failures)
+                if first is None:
+                    raise error
+                delay = first
+            time.sleep(delay)
+            failures += 1
+
     def call_engine(
         self, user_id: str, method: str, path: str, *, json: object | None = None,
         params: Mapping[str, str | int] | None = None, content: bytes | None = None,
@@ -197,6 +332,20 @@ class BapClient:
     ) -> list[AuditEvent]:
         """Newest first; with `after_id`, the events after it oldest first (for tailing)."""
         return self._run(c.audit(product_id, limit, after_id, action))
+
+    def set_webhook(self, product_id: str, url: str) -> WebhookSecret:
+        """Set the product's webhook (events are POSTed there, signed); returns the URL and the new
+        signing secret, shown once: `url, secret = await bap.set_webhook(...)` (ProductNotFound,
+        ValidationError). Check the requests with `verify_signature`."""
+        return self._run(c.set_webhook(product_id, url))
+
+    def get_webhook(self, product_id: str) -> Webhook:
+        """The product's webhook and its delivery state, never its secret (WebhookNotFound)."""
+        return self._run(c.get_webhook(product_id))
+
+    def delete_webhook(self, product_id: str) -> None:
+        """Remove the product's webhook: no more events are sent (WebhookNotFound)."""
+        self._run(c.delete_webhook(product_id))
 
     def admin_start(self, product_id: str, user_id: str) -> EngineAction:
         return self._run(c.admin_action(product_id, user_id, "start"))
