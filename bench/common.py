@@ -370,7 +370,8 @@ def end_bare(engines: Iterable[BareEngine]) -> None:
 # connection of any process on the machine can hold one, and above the test suite's 20000-29999.
 #   core 30000-30999, wake 31000-31099, docker 31100-31399 (+ bare 31800-31899),
 #   kubernetes 31400-31699 (+ bare pods 31900-31999), sweep serve 31700-31799 (unused),
-#   bare refengines of core 32000-32767
+#   bare refengines of core 32000-32767; second_wave serve 31700-31779 (the sweep's serve boots no
+#   engine there) + bare 31780-31799
 def ephemeral_overlap(low: int = 30000, high: int = 32767) -> str | None:
     """A warning when the machine's ephemeral port range overlaps ours, else None."""
     try:

@@ -10,6 +10,8 @@
 #   core.py          admit req/s and p50/p99 (wrk), provision overhead, bursts of 20 and 100
 #   wake.py          wake latency from sleep (SIGSTOP) vs the engine's bare /health round trip
 #   sweep.py         health sweep over 2,000 engines, orchestrator RSS with 2,000 registered
+#   second_wave.py   warm-pool admit, event commit -> SSE consumer / webhook receiver latency,
+#                    200 SSE consumers on one replica and their CPU per event
 #   docker_bench.py  provision vs `docker run`, unpause wake (only with a daemon and the image)
 #   k8s_bench.py     provision and scale 0->1 wake vs a bare pod (only with the test cluster up)
 #
@@ -19,14 +21,14 @@
 #
 # Environment: BENCH_PROFILE=1 also records a py-spy profile of `serve` during an extra
 # (unmeasured) wrk run, summarised in bench/results/admit-profile.txt (py-spy is installed into
-# a cache venv if missing). BENCH_SECTIONS="core wake sweep docker k8s" picks sections.
+# a cache venv if missing). BENCH_SECTIONS="core wake sweep second_wave docker k8s" picks sections.
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY="$ROOT/.venv/bin/python"
 RESULTS="$ROOT/bench/results"
 OUT="$RESULTS/latest.txt"
-SECTIONS=${BENCH_SECTIONS:-"core wake sweep docker k8s"}
+SECTIONS=${BENCH_SECTIONS:-"core wake sweep second_wave docker k8s"}
 BUDGET_S=${BENCH_BUDGET_S:-660}   # optional sections are skipped once the run is past this
 log() { printf '[bench %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 
@@ -131,6 +133,7 @@ optional() {  # an optional section, skipped once the run is past its time budge
 section core 330 1 bench/core.py "$WORK/core" "$RESULTS"
 section wake 120 1 bench/wake.py "$WORK/wake"
 section sweep 200 0 bench/sweep.py "$WORK/sweep"          # plays the orchestrator: CPU 0
+section second_wave 150 1 bench/second_wave.py "$WORK/second_wave"
 optional docker 200 1 bench/docker_bench.py "$WORK/docker"
 optional k8s 240 1 bench/k8s_bench.py "$WORK/k8s"
 
