@@ -32,7 +32,7 @@ from bap_engine.config import Settings
 from bap_engine.db.pool import create_pool
 from bap_engine.events import HIDDEN_ACTIONS, EventHub
 from bap_engine.supervisor import Supervisor
-from tests.conftest import ADMIN_KEY, assert_envelope, pk, register_product, wait_until
+from tests.conftest import ADMIN_KEY, assert_envelope, insert_engine_row, pk, register_product, wait_until
 from tests.e2e.conftest import free_port
 
 DATA_KEYS = {"id", "timestamp", "action", "user_id", "engine_id", "actor", "metadata"}
@@ -352,6 +352,31 @@ async def test_a_consumer_that_reconnects_misses_nothing_and_sees_nothing_twice(
             seen += [m.id for m in await sse.until(written[-1])] if written[-1] > last else []
         assert seen == await visible_ids(live.pool, product_id)
         assert len(seen) == len(set(seen))
+
+
+async def test_a_consumer_away_while_50_changes_happen_resumes_with_all_50(settings: Settings) -> None:
+    """Disconnected, 50 real changes through the API (PATCH idle_sleep flips: one settings_update row
+    each), reconnected with Last-Event-ID: exactly those 50, in order."""
+    async with live_app(settings) as live:
+        product_id, key = await new_product(live)
+        await insert_engine_row(live.pool, settings, product_id, "away")
+        async with live.client() as c:
+            assert (await c.patch("/engines/away", json={"idle_sleep": "never"}, headers=pk(key))).status_code == 200
+            seen_before = await visible_ids(live.pool, product_id)  # the registration and the first flip
+            async with SSE(live, key, after_id=0) as sse:
+                await sse.connected()
+                last = (await sse.until(seen_before[-1]))[-1].id  # seen, then the consumer goes away
+            for i in range(50):
+                r = await c.patch("/engines/away", json={"idle_sleep": "auto" if i % 2 == 0 else "never"},
+                                  headers=pk(key))
+                assert r.status_code == 200
+        written = await visible_ids(live.pool, product_id, last)
+        assert len(written) == 50
+        async with SSE(live, key, last_event_id=last) as sse:
+            got = await sse.until(written[-1])
+            await sse.no_event(0.3)  # nothing more, nothing twice
+        assert [m.id for m in got] == written
+        assert {m.event for m in got} == {"settings_update"}
 
 
 async def test_another_products_events_never_appear(settings: Settings) -> None:

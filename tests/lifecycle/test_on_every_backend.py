@@ -214,3 +214,33 @@ async def test_warm_pool_claim(backend_name: str, settings: Settings, tmp_path: 
         async with lc.pool.acquire() as conn:
             assert await conn.fetchval("SELECT count(*) FROM engines WHERE product_id = $1 AND pool", product_id) == 0
         assert (await client.delete("/engines/warm-user", headers=pk(key))).status_code == 200
+
+
+@pytest.mark.parametrize("backend_name", ["subprocess", "docker", "kubernetes"])
+async def test_busy_engine_is_not_put_to_sleep(backend_name: str, settings: Settings, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """An engine streaming /execute says busy in /health: the idle worker (its clock far past the idle
+    limit) leaves it running until the stream ends, then puts it to sleep."""
+    monkeypatch.setenv("REFENGINE_DELTA_DELAY_MS", "200")
+    slow = settings.model_copy(update={"engine_env_passthrough": "REFENGINE_DELTA_DELAY_MS"})
+    async with running_app(backend_name, slow, tmp_path) as (app, client, support):
+        lc = _lc(app)
+        _, key = await register_product(client)
+        r = await client.post("/engines/busy-user/admit", json={"auto_provision": True}, headers=pk(key))
+        engine = r.json()["engine"]
+        later = IdleWorker(lc, app.state.settings, clock=lambda: now() + timedelta(hours=2))
+        words = " ".join(f"w{i}" for i in range(10))  # ~2 s of deltas
+        async with httpx.AsyncClient(timeout=60) as c, c.stream(
+                "POST", f"{engine['url']}/execute", json={"message": words},
+                headers={"X-Engine-Key": engine["api_key"]}) as stream:
+            chunks = stream.aiter_text()
+            assert "thread_lifecycle" in await anext(chunks)  # in flight
+            assert await later.run_once() == 0  # busy: spared, though idle for "2 hours"
+            assert (await _row(lc, engine["engine_id"])).status == "running"
+            body = "".join([chunk async for chunk in chunks])
+        assert "event: done" in body
+        assert await later.run_once() == 0  # its last probe said busy
+        await HealthWorker(lc, app.state.settings).run_once()  # the next probe says it is not
+        assert await later.run_once() == 1  # now it sleeps
+        assert (await _row(lc, engine["engine_id"])).status == "sleeping"
+        assert (await client.delete("/engines/busy-user", headers=pk(key))).status_code == 200

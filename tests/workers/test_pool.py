@@ -108,6 +108,31 @@ async def test_concurrent_claims_never_share_an_engine(make_app: AppFactory, pg_
         assert sorted(r["user_id"] for r in bound) == users
 
 
+async def test_twenty_new_users_and_a_pool_of_five(make_app: AppFactory) -> None:
+    """20 concurrent new users with a pool of 5: 20 engines, the 5 warm ones claimed, none shared."""
+    async with make_app() as (app, client):
+        lc = lifecycle_of(app)
+        product_id, key = await register_product(client, {"warm_pool": 5})
+        assert await PoolWorker(lc, app.state.settings).run_once() == 5
+        pool_ids = {r.id for r in await _pool_rows(app, product_id)}
+        users = [f"new{i:02d}" for i in range(20)]
+        answers = await asyncio.gather(*(client.post(f"/engines/{u}/admit", json={"auto_provision": True},
+                                                     headers=pk(key)) for u in users))
+        engines = {u: a.json()["engine"] for u, a in zip(users, answers, strict=True)}
+        assert all(a.json()["admitted"] for a in answers)
+        ids = [e["engine_id"] for e in engines.values()]
+        assert len(set(ids)) == 20 and set(ids) & pool_ids == pool_ids  # the 5 warm ones, each to one user
+        async with pool_of(app).acquire() as conn:
+            rows = await conn.fetch("SELECT user_id, pool FROM engines WHERE product_id = $1", product_id)
+            claims = await conn.fetch("SELECT user_id, engine_id::text AS e FROM audit_log WHERE product_id = $1 "
+                                      "AND action = 'pool_claim'", product_id)
+        assert sorted(r["user_id"] for r in rows) == users and not any(r["pool"] for r in rows)
+        assert len(claims) == 5 and {c["e"] for c in claims} == pool_ids
+        assert len({c["user_id"] for c in claims}) == 5
+        for user in users:  # each user's own key works on its engine
+            assert await _execute(engines[user]["url"], engines[user]["api_key"]) == 200
+
+
 async def test_max_engines_counts_the_pool_and_shrinking_destroys(make_app: AppFactory, pg_dsn: str) -> None:
     async with make_app() as (app, client):
         lc = lifecycle_of(app)

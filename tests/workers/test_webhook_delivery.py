@@ -317,6 +317,20 @@ async def test_a_500_is_retried_within_10_s_and_later_events_wait_for_it(harness
         await wait_until(lambda: _is(status(harness, product), (0, 200)), 5)
 
 
+async def test_a_receiver_answering_500_twice_gets_every_event_once_acknowledged(harness: Harness) -> None:
+    answers = iter([500, 500])
+    async with receiver(lambda _eid: next(answers, 200)) as rx:
+        product = await harness.product()
+        secret = await harness.hook(product, rx.url)
+        harness.start_term(backoff_base_s=0.2)
+        ids = await harness.emit(product, 4)
+        await wait_until(lambda: rx.ids(acknowledged=True) == ids, 10)
+        assert [r.answer for r in rx.requests[:3]] == [500, 500, 200]
+        assert [r.event_id for r in rx.requests] == [ids[0], ids[0], *ids]  # the head twice more, then in order
+        assert all(r.verifies(secret) for r in rx.requests)
+        await wait_until(lambda: _is(status(harness, product), (0, 200)), 5)
+
+
 async def test_a_hanging_or_dead_receiver_delays_no_other_product(harness: Harness) -> None:
     async with receiver(lambda _eid: HANG) as hanging, receiver() as healthy:
         slow, dead, fine = await harness.product(), await harness.product(), await harness.product()
