@@ -83,7 +83,7 @@ const ENGINE = (url: string, key: string) => ({
   reason: null,
   engine: {
     engine_id: "e1", user_id: "u1", status: "running", url, api_key: key,
-    engine_version: "v", created_at: "2026-01-01T00:00:00Z", last_health_at: null,
+    engine_version: "v", created_at: "2026-01-01T00:00:00Z", last_health_at: null, idle_sleep: "auto",
   },
 });
 
