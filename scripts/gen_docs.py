@@ -237,9 +237,13 @@ def error_codes_md() -> str:
 _SETTINGS: dict[str, tuple[str, bool, str]] = {
     "database_url": ("Postgres URL; every replica of a deployment uses the same one", False,
                      "unset: an embedded Postgres under `ORCH_DATA_DIR/pg`"),
-    "master_key": ("Fernet key sealing the stored engine keys; never stored in Postgres. Changing it makes the "
-                   "stored engine keys unreadable", False,
+    "master_key": ("Fernet key sealing the stored engine keys and webhook secrets; never stored in Postgres. "
+                   "Changing it makes them unreadable, unless the old key is kept in `ORCH_MASTER_KEY_PREVIOUS` "
+                   "until `bap-engine rotate-master-key` has re-encrypted them", False,
                    "required with a database URL; embedded mode: generated once into `ORCH_DATA_DIR/master.key`"),
+    "master_key_previous": ("The previous master key during a rotation: values sealed under it are still read, "
+                            "new ones are sealed under `ORCH_MASTER_KEY`; unset it once `bap-engine "
+                            "rotate-master-key` has finished (see [Master-key rotation](master-key.md))", True, ""),
     "admin_key": ("The operator's key: `X-Admin-Key`, or `Authorization: Bearer` for Prometheus", False,
                   "required with a database URL; embedded mode: generated once into `ORCH_DATA_DIR/admin.key`"),
     "data_dir": ("Embedded Postgres, generated keys, the subprocess engines' data (`engines/<engine_id>/`)", True, ""),

@@ -20,6 +20,7 @@ import hashlib
 import itertools
 import os
 import random
+import re
 import shutil
 import tempfile
 import time
@@ -53,8 +54,8 @@ PORTS_PER_TEST = 40
 _PORT_LOW, _PORT_HIGH = 20000, 29999
 _port_blocks = itertools.count(random.randrange((_PORT_HIGH - _PORT_LOW + 1) // PORTS_PER_TEST))
 
-# Paths whose 2xx answers legitimately carry a key (see spec/API.md "Keys").
-_PLATFORM_KEY_PATHS = ("/products/register",)
+# Paths whose 2xx answers legitimately carry a key (see spec/API.md "Keys"), as full-match patterns.
+_PLATFORM_KEY_PATHS = ("/products/register", "/products/[^/]+/rotate-platform-key")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,7 +177,7 @@ class ResponseLog:
             assert admin_key not in text and master_key not in text, (method, path)
             allowed: set[str] = set()
             if 200 <= status < 300:
-                if path in _PLATFORM_KEY_PATHS:
+                if any(re.fullmatch(p, path) for p in _PLATFORM_KEY_PATHS):
                     allowed |= platform
                 if _returns_engine_key(method, path):
                     allowed |= engine

@@ -124,7 +124,8 @@ async def build_services(settings: Settings, backend_factory: BackendFactory | N
         stack.push_async_callback(backend.close)
         await _check_backend(backend)
         assert settings.master_key and settings.admin_key
-        lifecycle = Lifecycle(pool, backend, settings, KeySealer(settings.master_key), owner_id, engine_env(settings))
+        sealer = KeySealer(settings.master_key, settings.master_key_previous)  # opens under either, seals new
+        lifecycle = Lifecycle(pool, backend, settings, sealer, owner_id, engine_env(settings))
         supervisor.start("op-expirer", lifecycle.tx.expire_dangling)
         limiter = RateLimiter(pool)
         stack.push_async_callback(limiter.release_all)
@@ -149,7 +150,7 @@ async def build_services(settings: Settings, backend_factory: BackendFactory | N
 
         stack.push_async_callback(_close_events)
         services.workers.append(lambda: PoolWorker(lifecycle, settings))
-        services.webhooks = webhooks = Webhooks(pool, KeySealer(settings.master_key), settings.deployment)
+        services.webhooks = webhooks = Webhooks(pool, sealer, settings.deployment)
         services.workers.append(lambda: WebhookWorker(webhooks, hub, supervisor))  # delivery, on the leader
         stop = asyncio.Event()
         supervisor.start("activity-flusher", lambda: discovery.run_flusher(settings.activity_flush_s, stop))
@@ -189,7 +190,7 @@ async def _timed_out(request: Request, exc: Exception) -> Response:
 
 def create_app(settings: Settings | None = None, *, backend_factory: BackendFactory | None = None) -> FastAPI:
     settings = ensure_secrets(settings or load_settings())
-    register_secrets(settings.admin_key, settings.master_key)  # scrubbed from every log line
+    register_secrets(settings.admin_key, settings.master_key, settings.master_key_previous)  # scrubbed from logs
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:

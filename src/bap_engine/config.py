@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from cryptography.fernet import Fernet
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings", "ConfigError", "load_settings", "ensure_secrets"]
@@ -31,6 +31,7 @@ class Settings(BaseSettings):
 
     database_url: str | None = None
     master_key: str | None = Field(default=None, repr=False)
+    master_key_previous: str | None = Field(default=None, repr=False)  # opens, never seals (a rotation)
     admin_key: str | None = Field(default=None, repr=False)
     data_dir: Path = Path("./.bap-engine")
     host: str = "127.0.0.1"
@@ -75,6 +76,12 @@ class Settings(BaseSettings):
     activity_flush_s: float = Field(default=2.0, gt=0)
     events_keepalive_s: float = Field(default=15, gt=0)  # a `: keep-alive` comment on a quiet GET /events
 
+    @field_validator("master_key_previous", mode="before")
+    @classmethod
+    def _unset_when_empty(cls, value: object) -> object:
+        # `ORCH_MASTER_KEY_PREVIOUS=` (emptied rather than removed, step 3 of a rotation) is unset
+        return None if isinstance(value, str) and not value.strip() else value
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.port_min > self.port_max:
@@ -84,6 +91,12 @@ class Settings(BaseSettings):
                 Fernet(self.master_key.encode())
             except ValueError:
                 raise ValueError("ORCH_MASTER_KEY is not a valid Fernet key (32 url-safe base64 bytes)") from None
+        if self.master_key_previous is not None:
+            try:
+                Fernet(self.master_key_previous.encode())
+            except ValueError:
+                raise ValueError("ORCH_MASTER_KEY_PREVIOUS is not a valid Fernet key (32 url-safe base64 bytes)"
+                                 ) from None
         return self
 
     @property

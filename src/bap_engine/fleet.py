@@ -1,11 +1,13 @@
 """Fleet: products, their engines in aggregate, status, metrics and the audit trail.
 
-Read-mostly service over the registry and the audit log; product registration and
-policy changes are written here with their audit rows.
+Read-mostly service over the registry and the audit log; product registration, policy
+changes, platform-key rotation and product deletion are written here with their audit rows
+(deletion destroys the engines through lifecycle/products.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import uuid
 from collections.abc import Sequence
@@ -15,14 +17,24 @@ import asyncpg
 
 from bap_engine import audit, registry
 from bap_engine.audit import COUNTED_ACTIONS, ActionTotal, AuditRow, AuditTotals
-from bap_engine.errors import InvalidAdminKey, InvalidPlatformKey, ProductNotFound, ProductSlugExists
+from bap_engine.errors import (
+    InvalidAdminKey,
+    InvalidPlatformKey,
+    ProductNotFound,
+    ProductSlugExists,
+    ServiceUnavailable,
+    ValidationFailed,
+)
 from bap_engine.keys import hash_key, new_platform_key
-from bap_engine.lifecycle import EngineView, view
+from bap_engine.lifecycle import EngineView, Lifecycle, destroy_product_engines, remove_deleted_product, view
 from bap_engine.policy import parse_policy
 from bap_engine.registry import ProductRow
 from bap_engine.states import AuditAction, EngineState
 
-__all__ = ["Fleet", "ProductRow", "health_of", "AuditTotals", "ActionTotal", "COUNTED_ACTIONS"]
+__all__ = ["Fleet", "ProductRow", "health_of", "AuditTotals", "ActionTotal", "COUNTED_ACTIONS",
+           "MAX_KEY_OVERLAP_S"]
+
+MAX_KEY_OVERLAP_S = 86_400  # a replaced platform key works at most a day longer
 
 
 def health_of(total: int, failed: int) -> str:
@@ -93,6 +105,70 @@ class Fleet:
         if product is None:
             raise ProductNotFound()
         return product
+
+    async def product_detail(self, product_id: str) -> tuple[ProductRow, int]:
+        """The product and its engine count (warm pool included). Raises ProductNotFound (also while
+        it is being deleted)."""
+        async with self._pool.acquire() as conn:
+            product = await registry.get_product(conn, product_id)
+            if product is None:
+                raise ProductNotFound()
+            return product, await registry.count_engines(conn, product_id)
+
+    async def rotate_platform_key(self, product_id: str, overlap_s: int) -> str:
+        """A new platform key (returned, shown once); the replaced one keeps working `overlap_s`
+        seconds (0: refused at once), checked against Postgres' clock by every replica. A key an
+        earlier rotation kept valid is dropped at once. Audited `platform_key_rotate` (never a key).
+        Raises ProductNotFound, ValidationFailed."""
+        if not 0 <= overlap_s <= MAX_KEY_OVERLAP_S:
+            raise ValidationFailed(f"overlap_seconds must be between 0 and {MAX_KEY_OVERLAP_S}")
+        key = new_platform_key()
+        async with self._pool.acquire() as conn, conn.transaction():
+            if not await registry.rotate_product_key(conn, product_id, hash_key(key), overlap_s):
+                raise ProductNotFound()
+            await audit.write(conn, AuditAction.PLATFORM_KEY_ROTATE, product_id=product_id, actor="admin",
+                              metadata={"overlap_seconds": overlap_s})
+        return key
+
+    async def delete_product(self, product_id: str, lifecycle: Lifecycle) -> int:
+        """Delete the product: marked deleted first, with its `product_delete` audit row (from then on
+        its platform key works nowhere and it is not found), then every engine destroyed (warm pool
+        included; busy ones waited for up to the boot timeout), then its row (its webhook with it; the
+        audit trail stays). Returns the engines this call destroyed.
+
+        A product already being deleted (an earlier call answered 503, or is still running) is taken
+        up where it is. Raises ProductNotFound; ServiceUnavailable when engines are left (busy beyond
+        the wait, a backend failure, or of another deployment): the product stays deleted and the
+        reconciler finishes; calling again waits for it."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            marked = await registry.mark_product_deleted(conn, product_id, lifecycle.owner_id,
+                                                         lifecycle.tx.op_ttl_s)
+            if marked is None:
+                raise ProductNotFound()
+            product, first = marked
+            if first:
+                engines = await registry.count_engines(conn, product_id)
+                await audit.write(conn, AuditAction.PRODUCT_DELETE, product_id=product_id, actor="admin",
+                                  metadata={"slug": product.slug, "engines": engines})
+        try:
+            destroyed = await destroy_product_engines(lifecycle, product_id, actor="admin",
+                                                      wait_s=lifecycle.settings.boot_timeout_s)
+            left = await remove_deleted_product(lifecycle, product_id)
+        except BaseException:  # a lost database, a cancelled request: the reconciler's now
+            with contextlib.suppress(Exception):
+                await self._release_delete(product_id, lifecycle.owner_id)
+            raise
+        if left:
+            await self._release_delete(product_id, lifecycle.owner_id)
+            raise ServiceUnavailable(
+                f"the product is deleted (its platform key no longer works) but {left} of its engines are not "
+                "destroyed yet (busy, failing, or of another deployment); the reconciler finishes the deletion "
+                "and DELETE again waits for it")
+        return destroyed
+
+    async def _release_delete(self, product_id: str, owner: int) -> None:
+        async with self._pool.acquire() as conn:
+            await registry.release_product_delete(conn, product_id, owner)
 
     async def engines(
         self, product_id: str, status: str | None, limit: int, offset: int

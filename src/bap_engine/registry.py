@@ -23,6 +23,8 @@ __all__ = [
     "touch_activity", "count_by_product_status", "all_engines", "record_health_ok", "bump_health_failures",
     "due_restarts", "stale_ops", "update_claimed", "delete_claimed", "expire_op", "OWNER_GRACE_S",
     "POOL_USER_PREFIX", "claim_pool_engine", "pool_engines", "products_with_pool", "count_warm",
+    "mark_product_deleted", "release_product_delete", "deletes_to_finish", "remove_deleted_product",
+    "product_engines", "rotate_product_key",
 ]
 
 # A warm-pool engine's user_id: no real user id can start with "_" (spec's user_id pattern).
@@ -102,24 +104,108 @@ async def insert_product(
 
 
 async def get_product(conn: asyncpg.Connection, product_id: str) -> ProductRow | None:
-    return _product(await conn.fetchrow(f"SELECT {_PRODUCT_COLS} FROM products WHERE id = $1", product_id))
+    """The product, None when unknown or deleted (being deleted counts: its deletion has started)."""
+    sql = f"SELECT {_PRODUCT_COLS} FROM products WHERE id = $1 AND deleted_at IS NULL"
+    return _product(await conn.fetchrow(sql, product_id))
+
+
+# A platform key authenticates as the product's current key, or as the key its last rotation replaced
+# until that one's expiry (Postgres' clock: every replica agrees); never for a deleted product. Both
+# hashes are indexed, so this stays one indexed lookup.
+_KEY_MATCHES = ("(p.api_key_hash = $1 OR (p.previous_key_hash = $1 AND p.previous_key_expires_at > now())) "
+                "AND p.deleted_at IS NULL")
 
 
 async def get_product_by_key_hash(conn: asyncpg.Connection, key_hash: str) -> ProductRow | None:
-    sql = f"SELECT {_PRODUCT_COLS} FROM products WHERE api_key_hash = $1"
+    sql = f"SELECT {_PRODUCT_COLS} FROM products p WHERE {_KEY_MATCHES}"
     return _product(await conn.fetchrow(sql, key_hash))
 
 
 async def set_policy(conn: asyncpg.Connection, product_id: str, policy: dict[str, object]) -> ProductRow | None:
     r = await conn.fetchrow(
-        f"UPDATE products SET policy = $2 WHERE id = $1 RETURNING {_PRODUCT_COLS}", product_id, policy
+        f"UPDATE products SET policy = $2 WHERE id = $1 AND deleted_at IS NULL RETURNING {_PRODUCT_COLS}",
+        product_id, policy,
     )
     return _product(r)
 
 
 async def list_products(conn: asyncpg.Connection) -> list[ProductRow]:
-    rows = await conn.fetch(f"SELECT {_PRODUCT_COLS} FROM products ORDER BY created_at, id")
+    """Every product but the deleted ones."""
+    rows = await conn.fetch(f"SELECT {_PRODUCT_COLS} FROM products WHERE deleted_at IS NULL ORDER BY created_at, id")
     return [p for p in map(_product, rows) if p is not None]
+
+
+async def rotate_product_key(conn: asyncpg.Connection, product_id: str, key_hash: str, overlap_s: int) -> bool:
+    """The new key's hash becomes current; the replaced one stays valid for `overlap_s` seconds (0: not
+    at all). A key an earlier rotation kept valid is dropped at once. False when unknown or deleted."""
+    done = await conn.fetchval(
+        "UPDATE products SET api_key_hash = $2, "
+        "previous_key_hash = CASE WHEN $3::int > 0 THEN api_key_hash END, "
+        "previous_key_expires_at = CASE WHEN $3::int > 0 THEN now() + make_interval(secs => $3::int) END "
+        "WHERE id = $1 AND deleted_at IS NULL RETURNING 1",
+        product_id, key_hash, overlap_s,
+    )
+    return done is not None
+
+
+async def mark_product_deleted(
+    conn: asyncpg.Connection, product_id: str, owner: int | None, ttl_s: float
+) -> tuple[ProductRow, bool] | None:
+    """Mark the product deleted (from now on it authenticates no key and is not found), the delete
+    carried out by `owner` for at most `ttl_s` (owner None: left to the reconciler). A product already
+    marked keeps its mark and is handed to `owner`. Returns (product, whether this call marked it);
+    None when unknown. Two statements: call it in a transaction."""
+    was = await conn.fetchrow("SELECT deleted_at FROM products WHERE id = $1 FOR UPDATE", product_id)
+    if was is None:
+        return None
+    r = await conn.fetchrow(
+        f"UPDATE products SET deleted_at = coalesce(deleted_at, now()), delete_owner = $2, "
+        f"delete_deadline = now() + make_interval(secs => $3) WHERE id = $1 RETURNING {_PRODUCT_COLS}",
+        product_id, owner, ttl_s,
+    )
+    product = _product(r)
+    assert product is not None  # locked above
+    return product, was["deleted_at"] is None
+
+
+async def release_product_delete(conn: asyncpg.Connection, product_id: str, owner: int) -> None:
+    """`owner` stops carrying the delete out: the reconciler finishes it on its next pass."""
+    await conn.execute("UPDATE products SET delete_owner = NULL WHERE id = $1 AND delete_owner = $2 "
+                       "AND deleted_at IS NOT NULL", product_id, owner)
+
+
+async def deletes_to_finish(conn: asyncpg.Connection) -> list[str]:
+    """Deleted products nobody is deleting: no owner, an owner whose process is gone, or a delete
+    past its deadline."""
+    rows = await conn.fetch(
+        f"SELECT id::text AS id FROM products WHERE deleted_at IS NOT NULL AND (delete_owner IS NULL "
+        f"OR delete_deadline < now() OR {_owner_gone('products.delete_owner')}) ORDER BY deleted_at, id",
+    )
+    return [r["id"] for r in rows]
+
+
+async def remove_deleted_product(conn: asyncpg.Connection, product_id: str) -> int | None:
+    """Delete a deleted product's row once it has no engine left: its webhook cascades and its
+    rate-limit leases go too; its audit rows and state seconds stay. Returns the number of engines
+    left (0: the row is gone), None when there was no such deleted product.
+
+    Call it in a transaction: the product's row lock (the one provisions take, see lock_product) is
+    held from the count to the delete, so no engine row is inserted in between."""
+    if await conn.fetchval("SELECT 1 FROM products WHERE id = $1 AND deleted_at IS NOT NULL FOR UPDATE",
+                           product_id) is None:
+        return None
+    left = await count_engines(conn, product_id)
+    if left == 0:
+        await conn.execute("DELETE FROM rate_leases WHERE product_id = $1", product_id)  # no foreign key either
+        await conn.execute("DELETE FROM products WHERE id = $1", product_id)
+    return left
+
+
+async def product_engines(conn: asyncpg.Connection, product_id: str, deployment: str) -> list[EngineRow]:
+    """Every engine of the product in this deployment, its warm pool included."""
+    rows = await conn.fetch(f"SELECT {_ENGINE_COLS} FROM engines WHERE product_id = $1 AND deployment = $2 "
+                            f"ORDER BY created_at, id", product_id, deployment)
+    return [e for e in map(_engine, rows) if e is not None]
 
 
 async def lock_product(conn: asyncpg.Connection, product_id: str) -> None:
@@ -128,6 +214,7 @@ async def lock_product(conn: asyncpg.Connection, product_id: str) -> None:
 
 
 async def count_engines(conn: asyncpg.Connection, product_id: str) -> int:
+    """Every engine of the product, its warm pool included."""
     return int(await conn.fetchval("SELECT count(*) FROM engines WHERE product_id = $1", product_id))
 
 
@@ -159,7 +246,7 @@ async def admit_lookup(conn: asyncpg.Connection, key_hash: str, user_id: str) ->
     r = await conn.fetchrow(
         "SELECT p.id::text AS p_id, p.slug, p.policy::text AS policy, e.id::text AS e_id, e.status, e.url, "
         "e.engine_version, e.engine_key_enc, e.created_at, e.last_health_at, e.idle_sleep FROM products p "
-        "LEFT JOIN engines e ON e.product_id = p.id AND e.user_id = $2 WHERE p.api_key_hash = $1",
+        f"LEFT JOIN engines e ON e.product_id = p.id AND e.user_id = $2 WHERE {_KEY_MATCHES}",
         key_hash, user_id,
     )
     if r is None:
@@ -185,11 +272,13 @@ async def insert_engine(
     engine_version: str, api_key_hash: str, engine_key_enc: str, op_owner: int, op_ttl_s: float,
     deployment: str = "default", pool: bool = False, op: str = "provision",
 ) -> EngineRow | None:
-    """Insert a `provisioning` row holding `op`; None if the user has one."""
+    """Insert a `provisioning` row holding `op`; None if the user has one, or if the product is deleted
+    (a provision that authenticated just before the delete started: no engine is born after the mark)."""
     r = await conn.fetchrow(
         f"INSERT INTO engines (id, product_id, user_id, status, port, url, engine_version, api_key_hash, "
-        f"engine_key_enc, op, op_owner, op_deadline, deployment, pool) VALUES ($1,$2,$3,'provisioning',$4,$5,$6,"
-        f"$7,$8,$13,$9, now() + make_interval(secs => $10), $11, $12) "
+        f"engine_key_enc, op, op_owner, op_deadline, deployment, pool) SELECT $1,$2,$3,'provisioning',$4,$5,$6,"
+        f"$7,$8,$13,$9, now() + make_interval(secs => $10), $11, $12 "
+        f"WHERE EXISTS (SELECT 1 FROM products WHERE id = $2 AND deleted_at IS NULL) "
         f"ON CONFLICT (product_id, user_id) DO NOTHING RETURNING {_ENGINE_COLS}",
         id, product_id, user_id, port, url, engine_version, api_key_hash, engine_key_enc, op_owner, op_ttl_s,
         deployment, pool, op,
@@ -212,11 +301,16 @@ async def allocate_port(conn: asyncpg.Connection, low: int, high: int, avoid: Se
 # after a Postgres restart no lock is held until each live process has re-taken its own (every
 # 2 s), so takeovers by liveness wait until the server has been up for OWNER_GRACE_S.
 OWNER_GRACE_S = 6
-_OWNER_GONE = (
-    "(NOT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND classid = 7415004 "
-    "AND objid = engines.op_owner::oid AND objsubid = 2) "
-    f"AND pg_postmaster_start_time() < now() - interval '{OWNER_GRACE_S} seconds')"
-)
+
+
+def _owner_gone(column: str) -> str:
+    """SQL: the owner id in `column` holds no liveness lock (and the grace above has passed)."""
+    return ("(NOT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND classid = 7415004 "
+            f"AND objid = {column}::oid AND objsubid = 2) "
+            f"AND pg_postmaster_start_time() < now() - interval '{OWNER_GRACE_S} seconds')")
+
+
+_OWNER_GONE = _owner_gone("engines.op_owner")
 
 
 async def claim_op(
@@ -401,7 +495,7 @@ async def pool_engines(conn: asyncpg.Connection, deployment: str) -> list[Engine
 
 
 async def products_with_pool(conn: asyncpg.Connection) -> list[ProductRow]:
-    """Products whose policy asks for a warm pool."""
-    rows = await conn.fetch(f"SELECT {_PRODUCT_COLS} FROM products "
-                            f"WHERE jsonb_typeof(policy->'warm_pool') = 'number' AND (policy->>'warm_pool')::int > 0")
+    """Products whose policy asks for a warm pool (never a deleted one: its pool is not refilled)."""
+    rows = await conn.fetch(f"SELECT {_PRODUCT_COLS} FROM products WHERE deleted_at IS NULL "
+                            f"AND jsonb_typeof(policy->'warm_pool') = 'number' AND (policy->>'warm_pool')::int > 0")
     return [p for p in map(_product, rows) if p is not None]

@@ -38,6 +38,8 @@ class AuditAction(enum.StrEnum):
     POOL_FILL = "pool_fill"
     POOL_CLAIM = "pool_claim"
     SETTINGS_UPDATE = "settings_update"
+    PRODUCT_DELETE = "product_delete"
+    PLATFORM_KEY_ROTATE = "platform_key_rotate"
 
 
 S = EngineState

@@ -38,6 +38,7 @@ BODIES: dict[tuple[str, str], dict[str, object]] = {
     ("PATCH", "/engines/{user_id}"): {"idle_sleep": "auto"},
     ("POST", "/products/register"): {"slug": "never-registered", "display_name": "x"},
     ("PUT", "/products/{product_id}/policy"): {"policy": {"max_engines": 0}},
+    ("POST", "/products/{product_id}/rotate-platform-key"): {"overlap_seconds": 0},
     ("POST", "/engines/{user_id}/admit"): {},
 }
 OWNER_USER = "owned-by-a"

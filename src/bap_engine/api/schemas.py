@@ -17,7 +17,8 @@ __all__ = [
     "ProductMetricsOut", "AuditEventOut", "AuditOut", "AdminActionOut", "ENDPOINTS", "COMMON_ERRORS", "Errors",
     "AuditPageEventOut", "AuditAnyEventOut", "AuditAnyOut", "UsageFiguresOut", "UsageUserOut",
     "UsageOut",
-    "WebhookSecretOut", "WebhookOut", "WebhookDeletedOut",
+    "WebhookSecretOut", "WebhookOut", "WebhookDeletedOut", "ProductDetailOut", "ProductDeletedOut",
+    "PlatformKeyOut",
 ]
 
 
@@ -95,6 +96,32 @@ class ProductOut(BaseModel):
 
 class ProductsOut(BaseModel):
     products: list[ProductOut]
+
+
+class ProductDetailOut(BaseModel):
+    """The product and how many engines it has."""
+
+    product_id: str
+    slug: str
+    display_name: str
+    policy: dict[str, object]
+    created_at: str | None
+    engines: int = Field(description="the product's engines, its warm pool included")
+
+
+class ProductDeletedOut(BaseModel):
+    """The product is gone, with every engine it had."""
+
+    status: str = Field(description='"deleted"')
+    product_id: str
+    engines_destroyed: int = Field(description="engines this call destroyed (warm pool included)")
+
+
+class PlatformKeyOut(BaseModel):
+    """The product's new platform key, shown once."""
+
+    product_id: str
+    platform_api_key: str
 
 
 class BootBucketOut(BaseModel):
@@ -254,6 +281,11 @@ ENDPOINTS: dict[tuple[str, str], tuple[type[BaseModel] | None, Errors]] = {
     ("post", "/products/register"): (RegisterOut, _errors(_ADMIN, _BODY, {409: ("PRODUCT_SLUG_EXISTS",)})),
     ("put", "/products/{product_id}/policy"): (PolicyOut, _errors(_ADMIN, _BODY, {404: ("PRODUCT_NOT_FOUND",)})),
     ("get", "/products"): (ProductsOut, _ADMIN),
+    ("get", "/products/{product_id}"): (ProductDetailOut, _errors(_ADMIN, {404: ("PRODUCT_NOT_FOUND",)})),
+    # 503 SERVICE_UNAVAILABLE also when engines are left: the product stays deleted, the reconciler finishes
+    ("delete", "/products/{product_id}"): (ProductDeletedOut, _errors(_ADMIN, {404: ("PRODUCT_NOT_FOUND",)})),
+    ("post", "/products/{product_id}/rotate-platform-key"): (PlatformKeyOut, _errors(_ADMIN, _BODY, {
+        404: ("PRODUCT_NOT_FOUND",)})),
     ("get", "/products/{product_id}/engines"): (EngineListOut, _errors(_ADMIN, {400: (V,),
                                                                                  404: ("PRODUCT_NOT_FOUND",)})),
     ("get", "/products/{product_id}/engines/{user_id}"): (EngineListItem, _ADMIN_ENGINE),

@@ -1,7 +1,8 @@
 """The checks of `bap-engine doctor`: each returns `Check(name, status, detail, fix)`; none shows a key.
 
     settings    ORCH_* load (an invalid one is named); an unknown ORCH_* name (a typo) is a WARN
-    secrets     the master and admin keys: from ORCH_*, or (embedded) the key files: valid, mode 0600
+    secrets     the master and admin keys: from ORCH_*, or (embedded) the key files: valid, mode 0600;
+                ORCH_MASTER_KEY_PREVIOUS set (a master-key rotation under way) is a WARN
     data dir    exists (or can be made in an existing parent), writable (a file is made and removed),
                 free space (WARN under --min-free-mb, FAIL under 50 MB)
     ports       ORCH_PORT_MIN..MAX: the API port outside it, how many of a bounded sample bind on 127.0.0.1
@@ -100,7 +101,22 @@ def _key_file(path: Path, fernet: bool) -> tuple[Status, str, str]:
 
 
 def check_secrets(settings: Settings) -> Check:
-    """Never reads a key into the output: only where each one comes from."""
+    """Never reads a key into the output: only where each one comes from (and whether a master-key
+    rotation is under way: ORCH_MASTER_KEY_PREVIOUS set)."""
+    found = _secrets(settings)
+    if not settings.master_key_previous or found.status == FAIL:
+        return found
+    if settings.master_key_previous == settings.master_key:
+        return Check("secrets", WARN, f"{found.detail}; ORCH_MASTER_KEY_PREVIOUS equals the master key",
+                     "set ORCH_MASTER_KEY to the new master key, or unset ORCH_MASTER_KEY_PREVIOUS")
+    rotation: tuple[Status, str, str] = (WARN, "", "once `bap-engine rotate-master-key` has finished, unset "
+                                                   "ORCH_MASTER_KEY_PREVIOUS and restart")
+    status, _, fix = _worst((found.status, "", found.fix), rotation)  # a key file's own fix comes first
+    return Check("secrets", status, f"{found.detail}; ORCH_MASTER_KEY_PREVIOUS set: a master-key rotation "
+                                    "is under way (values sealed under either key are read)", fix)
+
+
+def _secrets(settings: Settings) -> Check:
     if not settings.embedded:
         missing = [n for n, v in (("ORCH_MASTER_KEY", settings.master_key), ("ORCH_ADMIN_KEY", settings.admin_key))
                    if not v]

@@ -2,7 +2,9 @@
 
 Stuck transitional rows are finished or undone, drift is corrected, and labelled
 engines with no row are removed once older than the boot timeout (so a provision in
-flight, whose row is written before its engine, is never raced). Fixes audit `reconcile`.
+flight, whose row is written before its engine, is never raced). Product deletes no live process
+carries out any more are finished first: their engines of this deployment destroyed, then the
+product row once none is left (lifecycle/products.py). Fixes audit `reconcile`.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from datetime import datetime
 
 from bap_engine import registry
 from bap_engine.config import Settings
-from bap_engine.lifecycle import Lifecycle, now
+from bap_engine.lifecycle import Lifecycle, finish_product_deletes, now
 from bap_engine.lifecycle.repair import finish_stuck, fix_drift, observe_all, remove_orphan
 
 __all__ = ["ReconcileWorker"]
@@ -30,11 +32,11 @@ class ReconcileWorker:
         self._clock = clock
 
     async def run_once(self) -> int:
+        acted = await finish_product_deletes(self.lc)
         async with self.lc.pool.acquire() as conn:
             stale = {r.id for r in await registry.stale_ops(conn, self.s.deployment)}
             rows = await registry.all_engines(conn, self.s.deployment)
         observed = await observe_all(self.lc)
-        acted = 0
         for row in rows:
             seen = observed.get(row.id)
             if row.id in stale:
