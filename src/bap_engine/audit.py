@@ -45,7 +45,8 @@ class Denial:
     actor: str
 
 
-COUNTED_ACTIONS = ("provision", "provision_failed", "destroy", "health_failed", "auto_restart_start", "wake")
+COUNTED_ACTIONS = ("provision", "provision_failed", "destroy", "health_failed", "auto_restart_start", "wake",
+                   "pool_fill", "pool_claim")
 
 
 @dataclass(frozen=True, slots=True)

@@ -214,6 +214,11 @@ class Fleet:
         async with self._pool.acquire() as conn:
             return await audit.state_seconds(conn)
 
+    async def pool_counts(self) -> list[tuple[str, str, int]]:
+        """Warm-pool engines by product and status (not in the products' own counts)."""
+        async with self._pool.acquire() as conn:
+            return await registry.count_pool_by_product(conn)
+
     async def count_by_product_status(self) -> list[tuple[str, str, int]]:
         async with self._pool.acquire() as conn:
             return await registry.count_by_product_status(conn)

@@ -23,6 +23,7 @@ __all__ = [
     "touch_activity", "count_by_product_status", "all_engines", "record_health_ok", "bump_health_failures",
     "due_restarts", "stale_ops", "update_claimed", "delete_claimed", "expire_op", "OWNER_GRACE_S",
     "POOL_USER_PREFIX", "claim_pool_engine", "pool_engines", "products_with_pool", "count_warm",
+    "count_pool_by_product",
     "mark_product_deleted", "release_product_delete", "deletes_to_finish", "remove_deleted_product",
     "product_engines", "rotate_product_key",
 ]
@@ -499,3 +500,9 @@ async def products_with_pool(conn: asyncpg.Connection) -> list[ProductRow]:
     rows = await conn.fetch(f"SELECT {_PRODUCT_COLS} FROM products WHERE deleted_at IS NULL "
                             f"AND jsonb_typeof(policy->'warm_pool') = 'number' AND (policy->>'warm_pool')::int > 0")
     return [p for p in map(_product, rows) if p is not None]
+
+
+async def count_pool_by_product(conn: asyncpg.Connection) -> list[tuple[str, str, int]]:
+    """(product id, status, n) of the warm-pool engines, for the operators' metrics."""
+    rows = await conn.fetch("SELECT product_id, status, count(*) AS n FROM engines WHERE pool GROUP BY 1, 2")
+    return [(r["product_id"], r["status"], int(r["n"])) for r in rows]

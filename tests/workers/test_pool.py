@@ -212,3 +212,18 @@ async def test_crash_mid_claim_is_finished_or_undone(make_app: AppFactory, setti
             assert_envelope(r, 404, "ENGINE_NOT_FOUND")
             assert (await lc.backend.inspect(row.id)).state == "absent"
         assert await _pool_rows(app, product_id) == []
+
+
+async def test_prometheus_shows_the_pool(make_app: AppFactory) -> None:
+    async with make_app() as (app, client):
+        lc = lifecycle_of(app)
+        product_id, key = await register_product(client, {"warm_pool": 2})
+        await PoolWorker(lc, app.state.settings).run_once()
+        assert (await client.post("/engines/u/admit", json={"auto_provision": True}, headers=pk(key))).json()[
+            "admitted"]
+        slug = (await client.get(f"/products/{product_id}", headers=ADMIN)).json()["slug"]
+        text = (await client.get("/metrics/prometheus", headers={"Authorization": f"Bearer {ADMIN_KEY}"})).text
+        assert f'bap_engines_warm{{product="{slug}",state="running"}} 1.0' in text
+        assert f'bap_pool_fills_total{{product="{slug}"}} 2.0' in text
+        assert f'bap_pool_claims_total{{product="{slug}"}} 1.0' in text
+        assert f'bap_engines{{product="{slug}",state="running"}} 1.0' in text  # the user's engine only

@@ -48,6 +48,8 @@ _COUNTERS = {
     "health_failed": ("bap_crashes", "Engines marked failed by the health loop (audit log, all replicas)"),
     "auto_restart_start": ("bap_restarts", "Automatic restart attempts (audit log, all replicas)"),
     "wake": ("bap_wakes", "Sleeping engines woken (audit log, all replicas)"),
+    "pool_fill": ("bap_pool_fills", "Warm-pool engines booted (audit log, all replicas)"),
+    "pool_claim": ("bap_pool_claims", "Warm-pool engines handed to a new user (audit log, all replicas)"),
 }
 _HISTOGRAMS = {
     "provision": ("bap_engine_boot_seconds", "Provision-to-healthy time (audit log duration_ms, all replicas)"),
@@ -78,6 +80,7 @@ class _Snapshot:
     leadership: object | None
     supervisor: Supervisor | None
     state_seconds: list[tuple[str, str, float]] = field(default_factory=list)  # (product id, state, seconds)
+    pool: list[tuple[str, str, int]] = field(default_factory=list)  # (product id, status, n) of pool engines
 
 
 class OpsMetrics:
@@ -106,8 +109,9 @@ class OpsMetrics:
         products: _Products = list(await fleet.products())
         totals = await fleet.audit_totals(BOOT_BOUNDS_MS)
         state_seconds = await fleet.state_seconds()
+        pool = await fleet.pool_counts()
         # No await between setting the snapshot and rendering: concurrent scrapes cannot mix.
-        self._snapshot = _Snapshot(products, totals, leadership, supervisor, state_seconds)
+        self._snapshot = _Snapshot(products, totals, leadership, supervisor, state_seconds, pool)
         try:
             return generate_latest(self.registry)
         finally:
@@ -118,7 +122,7 @@ class OpsMetrics:
         if snap is None:
             return []
         slugs = {p.id: p.slug for p, _ in snap.products}
-        out: list[Metric] = [_engines(snap.products)]
+        out: list[Metric] = [_engines(snap.products), _warm(snap.pool, slugs)]
         out.extend(_audit_counters(snap.totals, slugs))
         out.extend(_audit_histograms(snap.totals, slugs))
         out.append(self._state_seconds_family(snap.state_seconds, slugs))
@@ -166,6 +170,15 @@ def _engines(products: _Products) -> Metric:
     for product, counts in products:
         for state, n in sorted(counts.items()):
             gauge.add_metric([product.slug, state], n)
+    return gauge
+
+
+def _warm(pool: list[tuple[str, str, int]], slugs: Mapping[str, str]) -> Metric:
+    gauge = GaugeMetricFamily("bap_engines_warm", "Warm-pool engines by product and state, not counted in "
+                              "bap_engines (database, all replicas)", labels=["product", "state"])
+    for product_id, state, n in sorted(pool):
+        if product_id in slugs:
+            gauge.add_metric([slugs[product_id], state], n)
     return gauge
 
 
