@@ -8,6 +8,7 @@
     bap-engine usage [--since] [--until] [--user]                      (cli/usage.py)
     bap-engine webhook set|show|delete PRODUCT                         (cli/webhooks.py, admin key)
     bap-engine products list|policy        (products register lives in main.py; --remote uses this module)
+    bap-engine products show|delete|rotate-key PRODUCT                 (cli/products.py, admin key)
 
 The server URL and keys come from flags or the environment: BAP_URL (default http://127.0.0.1:8000),
 BAP_PLATFORM_KEY (a product's own calls) and BAP_ADMIN_KEY (admin calls; with --product/BAP_PRODUCT the
@@ -42,6 +43,7 @@ from bap_engine.cli.common import (
 )
 from bap_engine.cli.engines import engines_app
 from bap_engine.cli.events import events
+from bap_engine.cli.products import products_delete, products_rotate_key, products_show
 from bap_engine.cli.usage import usage
 from bap_engine.cli.webhooks import webhook_app
 from bap_engine.client import DEFAULT_URL, AuditEvent, BapClient, ProductNotFound
@@ -224,3 +226,6 @@ def register_ops(app: typer.Typer, products_app: typer.Typer) -> None:
     app.command("usage")(usage)
     products_app.command("list")(products_list)
     products_app.command("policy")(products_policy)
+    products_app.command("show")(products_show)
+    products_app.command("delete")(products_delete)
+    products_app.command("rotate-key")(products_rotate_key)

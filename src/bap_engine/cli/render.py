@@ -24,7 +24,7 @@ from bap_engine.client import AuditEvent, Engine, Event, FleetMetrics, FleetStat
 
 __all__ = ["STATES", "SHORT_ID", "out", "err", "show", "plain", "emit_json", "emit_json_line", "short_id", "when",
            "safe", "duration", "engine_table", "engine_detail", "product_table", "fleet_tables", "audit_grid",
-           "event_grid", "usage_table", "webhook_detail"]
+           "event_grid", "usage_table", "webhook_detail", "product_detail"]
 
 STATES = ("provisioning", "running", "sleeping", "stopped", "failed", "destroying")
 SHORT_ID = 8
@@ -263,5 +263,17 @@ def webhook_detail(product: str, hook: Webhook, wide: bool) -> Table:
     for k, v in (("product", product), ("url", hook.url), ("pending", str(hook.pending)),
                  ("last status", "-" if hook.last_status is None else str(hook.last_status)),
                  ("last delivery", when(hook.last_delivery_at, wide, seconds=True))):
+        _row(table, k, v)
+    return table
+
+
+def product_detail(p: Product, wide: bool) -> Table:
+    """One product (`products show`), a field per line; the policy as compact JSON, folded."""
+    table = _table(None, ["field", "value"], fixed=("field",))
+    table.show_header = False
+    engines = p.engines if p.engines is not None else p.total
+    for k, v in (("product", short_id(p.product_id, wide)), ("slug", p.slug), ("name", p.display_name),
+                 ("engines", str(engines)), ("created", when(p.created_at, wide, seconds=True)),
+                 ("policy", json.dumps(p.policy, sort_keys=True, separators=(", ", ": ")))):
         _row(table, k, v)
     return table

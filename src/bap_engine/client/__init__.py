@@ -39,9 +39,11 @@ from bap_engine_client import (
     MissingKey,
     NotAdmitted,
     PayloadTooLarge,
+    PlatformKey,
     PolicyDenied,
     PortExhaustion,
     Product,
+    ProductDeletion,
     ProductNotFound,
     ProductSlugExists,
     QuotaExceeded,
@@ -70,4 +72,5 @@ __all__ = [
     "QuotaExceeded", "RateLimited", "InternalError", "BackendError", "PortExhaustion", "ServiceUnavailable",
     "BootTimeout", "NotAdmitted", "MissingKey", "ConnectionFailed", "WebhookNotFound", "verify_signature",
     "AuditPage", "Event", "Usage", "UserUsage", "UsageTotals", "Webhook", "WebhookSecret",
+    "ProductDeletion", "PlatformKey",
 ]

@@ -26,7 +26,9 @@ from bap_engine_client._models import (
     FleetMetrics,
     FleetStatus,
     Json,
+    PlatformKey,
     Product,
+    ProductDeletion,
     RegisteredProduct,
     Usage,
     Webhook,
@@ -349,6 +351,19 @@ def set_policy(product_id: str, policy: Mapping[str, object]) -> Call[Json]:
 
 def products() -> Call[list[Product]]:
     return Call("GET", "/products", _products, auth="admin")
+
+
+def get_product(product_id: str) -> Call[Product]:
+    return Call("GET", f"/products/{_u(product_id)}", Product.parse, auth="admin")
+
+
+def delete_product(product_id: str) -> Call[ProductDeletion]:
+    return Call("DELETE", f"/products/{_u(product_id)}", ProductDeletion.parse, auth="admin")
+
+
+def rotate_platform_key(product_id: str, overlap_seconds: int) -> Call[PlatformKey]:
+    return Call("POST", f"/products/{_u(product_id)}/rotate-platform-key", PlatformKey.parse, auth="admin",
+                json={"overlap_seconds": overlap_seconds})
 
 
 def product_engines(product_id: str, status: str | None, limit: int, offset: int) -> Call[EnginePage]:

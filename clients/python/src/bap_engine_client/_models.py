@@ -13,8 +13,8 @@ from bap_engine_client._errors import BapClientError, NotAdmitted
 
 __all__ = [
     "Engine", "Admission", "EngineAction", "EnginePage", "FleetStatus", "FleetMetrics", "BootBucket",
-    "RegisteredProduct", "Product", "AuditEvent", "AuditPage", "Event", "Usage", "UserUsage", "UsageTotals",
-    "Webhook", "WebhookSecret", "Json",
+    "RegisteredProduct", "Product", "ProductDeletion", "PlatformKey", "AuditEvent", "AuditPage", "Event", "Usage",
+    "UserUsage", "UsageTotals", "Webhook", "WebhookSecret", "Json",
 ]
 
 Json = dict[str, object]
@@ -218,7 +218,9 @@ class RegisteredProduct:
 
 @dataclass(frozen=True, slots=True)
 class Product:
-    """A product as the admin listing shows it, with its engines counted by state."""
+    """A product. From the admin listing (`products`): its engines counted by state (`by_status`,
+    `total`), `engines` None. From `get_product`: `engines`, the count of its engines (warm pool
+    included), and `total` the same number (`by_status` is empty there)."""
 
     product_id: str
     slug: str
@@ -227,14 +229,50 @@ class Product:
     created_at: datetime | None
     by_status: Mapping[str, int]
     total: int
+    engines: int | None = None
 
     @classmethod
     def parse(cls, raw: object) -> Product:
         doc = _obj(raw)
         policy = doc.get("policy")
+        engines = _oi(doc, "engines")
+        total = _oi(doc, "total")
         return cls(product_id=_s(doc, "product_id"), slug=_s(doc, "slug"), display_name=_s(doc, "display_name"),
                    policy=dict(policy) if isinstance(policy, dict) else {}, created_at=_ts(doc, "created_at"),
-                   by_status=_counts(doc.get("by_status")), total=_i(doc, "total"))
+                   by_status=_counts(doc.get("by_status")), total=total if total is not None else engines or 0,
+                   engines=engines)
+
+
+@dataclass(frozen=True, slots=True)
+class ProductDeletion:
+    """The answer of delete_product: the product and every engine of it are gone (`status` "deleted")."""
+
+    product_id: str
+    status: str
+    engines_destroyed: int
+
+    @classmethod
+    def parse(cls, raw: object) -> ProductDeletion:
+        doc = _obj(raw)
+        return cls(product_id=_s(doc, "product_id"), status=_s(doc, "status"),
+                   engines_destroyed=_i(doc, "engines_destroyed"))
+
+
+@dataclass(frozen=True, slots=True)
+class PlatformKey:
+    """The answer of rotate_platform_key: the product and its new platform key, shown once
+    (`product_id, key = ...` unpacks it; the key stays out of `repr`)."""
+
+    product_id: str
+    platform_api_key: str = field(repr=False)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter((self.product_id, self.platform_api_key))
+
+    @classmethod
+    def parse(cls, raw: object) -> PlatformKey:
+        doc = _obj(raw)
+        return cls(_s(doc, "product_id"), _s(doc, "platform_api_key"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -38,7 +38,9 @@ from bap_engine_client._models import (
     FleetMetrics,
     FleetStatus,
     Json,
+    PlatformKey,
     Product,
+    ProductDeletion,
     RegisteredProduct,
     Usage,
     Webhook,
@@ -314,6 +316,25 @@ class BapClient:
 
     def products(self) -> list[Product]:
         return self._run(c.products())
+
+    def get_product(self, product_id: str) -> Product:
+        """One product with `engines`, the count of its engines, warm pool included (ProductNotFound,
+        also while it is being deleted)."""
+        return self._run(c.get_product(product_id))
+
+    def delete_product(self, product_id: str) -> ProductDeletion:
+        """Delete the product and every engine of it, with their data; its platform key stops working
+        as the delete starts (ProductNotFound). When engines are left the server answers 503: the
+        product stays deleted, its reconciler finishes, and a repeated call (the retry policy makes a
+        few) takes the deletion up where it is; after the last attempt, ServiceUnavailable."""
+        return self._run(c.delete_product(product_id))
+
+    def rotate_platform_key(self, product_id: str, overlap_seconds: int = 0) -> PlatformKey:
+        """A new platform key for the product, shown once: `product_id, key = ...` (the key stays out of
+        `repr`). The replaced key keeps working `overlap_seconds` (0 to 86400; 0: refused at once);
+        rotating again within the overlap drops the oldest key at once (ProductNotFound,
+        ValidationError)."""
+        return self._run(c.rotate_platform_key(product_id, overlap_seconds))
 
     def product_engines(
         self, product_id: str, status: str | None = None, limit: int = 100, offset: int = 0
