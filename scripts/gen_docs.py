@@ -253,6 +253,10 @@ _SETTINGS: dict[str, tuple[str, bool, str]] = {
     "engine_image": ("Engine image (docker, kubernetes); the `engine_version` of new engines by default", False, ""),
     "engine_command": ("Engine command line of the subprocess backend (split like a shell)", True,
                        "unset: the reference engine, `python -m bap_engine.refengine`"),
+    "engine_commands": ("Subprocess backend: the engine versions it knows, a JSON object version → command line "
+                        "(split like a shell), e.g. `{\"v2\": \"/opt/engine-v2 --serve\"}`; the default version "
+                        "`ORCH_ENGINE_IMAGE` runs `ORCH_ENGINE_COMMAND`; an unknown `engine_version` is refused "
+                        "with 400", True, "`{}`: only the default version"),
     "engine_env_passthrough": ("Comma-separated names of environment variables copied into every engine", False, ""),
     "engine_network": ("Docker network every engine container joins", False, ""),
     "catalog_mount_path": ("Host path mounted read-only at `/catalog` in engines (`CATALOG_DIR=/catalog`)", False, ""),

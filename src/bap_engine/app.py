@@ -38,6 +38,7 @@ from bap_engine.events import EventHub
 from bap_engine.fleet import Fleet
 from bap_engine.keys import KeySealer
 from bap_engine.lifecycle import Lifecycle
+from bap_engine.lifecycle.lifecycle import check_version
 from bap_engine.lifecycle.owner import OwnerLock
 from bap_engine.logs import register_secrets
 from bap_engine.policy import RateLimiter
@@ -70,7 +71,7 @@ def build_backend(settings: Settings) -> EngineBackend:
     from bap_engine.backends.subprocess import SubprocessBackend, SubprocessConfig
 
     return SubprocessBackend(SubprocessConfig(data_dir=settings.data_dir.resolve(), command=settings.engine_argv,
-                                              deployment=settings.deployment))
+                                              deployment=settings.deployment, commands=settings.engine_versions))
 
 
 def engine_env(settings: Settings) -> dict[str, str]:
@@ -138,7 +139,8 @@ async def build_services(settings: Settings, backend_factory: BackendFactory | N
             except Exception:  # whatever the database does, /health answers 503, never 500
                 return False
 
-        services = Services(lifecycle, discovery, Fleet(pool, settings.admin_key), ready, supervisor, dsn)
+        fleet = Fleet(pool, settings.admin_key, lifecycle.check_version)  # a policy pins only a known version
+        services = Services(lifecycle, discovery, fleet, ready, supervisor, dsn)
         hub = EventHub(pool, dsn)  # one per process: GET /events and the webhook worker read it
         await hub.start()
         services.events = hub
@@ -166,15 +168,25 @@ async def build_services(settings: Settings, backend_factory: BackendFactory | N
 async def register_product(
     settings: Settings, slug: str, display_name: str, policy: dict[str, object]
 ) -> tuple[str, str]:
-    """For the CLI: register directly in the database. Returns (product id, platform key)."""
+    """For the CLI: register directly in the database. Returns (product id, platform key). A pinned
+    `policy.engine_version` is checked against the configured backend, as the API does."""
     assert settings.admin_key
-    async with database(settings) as dsn:
-        await migrate.upgrade(dsn)
-        pool = await create_pool(dsn, max_size=2)
-        try:
-            product, key = await Fleet(pool, settings.admin_key).register_product(slug, display_name, policy)
-        finally:
-            await pool.close()
+    backend = build_backend(settings)
+
+    async def known(version: str) -> None:
+        await check_version(backend, version)
+
+    try:
+        async with database(settings) as dsn:
+            await migrate.upgrade(dsn)
+            pool = await create_pool(dsn, max_size=2)
+            try:
+                fleet = Fleet(pool, settings.admin_key, known)
+                product, key = await fleet.register_product(slug, display_name, policy)
+            finally:
+                await pool.close()
+    finally:
+        await backend.close()
     return product.id, key
 
 

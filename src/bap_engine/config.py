@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     engine_backend: Literal["subprocess", "docker", "kubernetes"] = "subprocess"
     engine_image: str = DEFAULT_ENGINE_IMAGE
     engine_command: str | None = None
+    engine_commands: dict[str, str] = Field(default_factory=dict)  # subprocess: version → command line
     engine_env_passthrough: str = ""
     engine_network: str | None = None
     catalog_mount_path: str | None = None
@@ -97,6 +98,15 @@ class Settings(BaseSettings):
             except ValueError:
                 raise ValueError("ORCH_MASTER_KEY_PREVIOUS is not a valid Fernet key (32 url-safe base64 bytes)"
                                  ) from None
+        for version, command in self.engine_commands.items():
+            if not version or not version.strip():
+                raise ValueError("ORCH_ENGINE_COMMANDS has an empty version name")
+            try:
+                argv = shlex.split(command)
+            except ValueError as err:
+                raise ValueError(f"ORCH_ENGINE_COMMANDS[{version!r}] is not a valid command line: {err}") from None
+            if not argv:
+                raise ValueError(f"ORCH_ENGINE_COMMANDS[{version!r}] is empty")
         return self
 
     @property
@@ -109,6 +119,16 @@ class Settings(BaseSettings):
         if self.engine_command:
             return tuple(shlex.split(self.engine_command))
         return (sys.executable, "-m", "bap_engine.refengine")
+
+    @property
+    def engine_versions(self) -> dict[str, tuple[str, ...]]:
+        """The subprocess backend's versions: each `ORCH_ENGINE_COMMANDS` entry, and the default version
+        (`ORCH_ENGINE_IMAGE`) running `engine_argv` — unless ORCH_ENGINE_COMMANDS names it and
+        ORCH_ENGINE_COMMAND is unset."""
+        versions = {version: tuple(shlex.split(command)) for version, command in self.engine_commands.items()}
+        if self.engine_command or self.engine_image not in versions:
+            versions[self.engine_image] = self.engine_argv
+        return versions
 
     @property
     def passthrough_names(self) -> list[str]:

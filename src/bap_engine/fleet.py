@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import hmac
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 
 import asyncpg
@@ -46,9 +46,18 @@ def health_of(total: int, failed: int) -> str:
 
 # Audit actions whose totals (and durations) the Prometheus endpoint exposes.
 class Fleet:
-    def __init__(self, pool: asyncpg.Pool, admin_key: str) -> None:
+    def __init__(self, pool: asyncpg.Pool, admin_key: str,
+                 check_version: Callable[[str], Awaitable[None]] | None = None) -> None:
+        """`check_version` refuses a policy pinning an `engine_version` the backend does not know
+        (raises ValidationFailed); without it any version is stored."""
         self._pool = pool
         self._admin_key = admin_key
+        self._check_version = check_version
+
+    async def _check_policy(self, policy: dict[str, object]) -> None:
+        version = parse_policy(policy).engine_version
+        if version is not None and self._check_version is not None:
+            await self._check_version(version)
 
     def check_admin(self, key: str | None) -> None:
         """Raises InvalidAdminKey."""
@@ -69,7 +78,7 @@ class Fleet:
         self, slug: str, display_name: str, policy: dict[str, object]
     ) -> tuple[ProductRow, str]:
         """Returns (product, platform key shown once). Raises ProductSlugExists, ValidationFailed."""
-        parse_policy(policy)
+        await self._check_policy(policy)
         key = new_platform_key()
         async with self._pool.acquire() as conn, conn.transaction():
             product = await registry.insert_product(conn, str(uuid.uuid4()), slug, display_name, hash_key(key), policy)
@@ -81,7 +90,7 @@ class Fleet:
 
     async def update_policy(self, product_id: str, policy: dict[str, object]) -> ProductRow:
         """Replace the whole policy. Raises ProductNotFound, ValidationFailed."""
-        parse_policy(policy)
+        await self._check_policy(policy)
         async with self._pool.acquire() as conn, conn.transaction():
             product = await registry.set_policy(conn, product_id, policy)
             if product is None:

@@ -6,13 +6,25 @@ order in test_walkthrough; provision_failed in test_errors.
 
 from __future__ import annotations
 
+import shlex
+import sys
 from datetime import UTC, datetime
 
 import httpx
+import pytest
 from fastapi import FastAPI
 
 from bap_engine.config import Settings
 from tests.conftest import ADMIN_KEY, assert_envelope, audit_rows_containing, pk, pool_of, register_product, services_of
+
+REFENGINE = shlex.join((sys.executable, "-m", "bap_engine.refengine"))
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """The shared settings, knowing engine version 'pinned-1' too (an unknown version is refused)."""
+    return settings.model_copy(update={"engine_commands": {"pinned-1": REFENGINE}})
+
 
 
 def _minute() -> datetime:

@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import re
+import shlex
+import sys
 import uuid
 from datetime import UTC, datetime
 
 import httpx
+import pytest
 from fastapi import FastAPI
 
 from bap_engine.config import Settings
 from tests.conftest import ADMIN_KEY, engine_dir, pk, pool_of, register_product, unique_slug
+
+REFENGINE = shlex.join((sys.executable, "-m", "bap_engine.refengine"))
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """The shared settings, knowing engine version 'v2' too (an unknown version is refused)."""
+    return settings.model_copy(update={"engine_commands": {"v2": REFENGINE}})
+
 
 ISO_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,6})?Z$")
 ENGINE_KEYS = {"engine_id", "user_id", "status", "url", "api_key", "engine_version", "created_at", "last_health_at",

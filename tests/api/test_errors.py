@@ -242,10 +242,14 @@ async def test_unknown_route_and_wrong_method(client: httpx.AsyncClient) -> None
     for method, path in (("GET", "/nope"), ("POST", "/engines/u1/explode"), ("GET", "/no/such/route"),
                          ("GET", "/engines/u1/admit/x")):
         assert_envelope(await client.request(method, path, headers=pk(key)), 404, "NOT_FOUND")
-    for method, path in (("GET", "/products/register"), ("PUT", "/engines/u1"), ("GET", "/engines/u1/start"),
+    for method, path in (("PATCH", "/products/register"), ("PUT", "/engines/u1"), ("GET", "/engines/u1/start"),
                          ("DELETE", "/engines"), ("POST", "/health"), ("GET", "/engines/provision/admit"),
                          ("PATCH", "/status")):
         assert_envelope(await client.request(method, path, headers=pk(key)), 405, "METHOD_NOT_ALLOWED")
+    # GET/DELETE /products/register are GET/DELETE /products/{product_id} of the product "register" (not a
+    # product id), as GET /engines/provision is the user named "provision"
+    assert_envelope(await client.get("/products/register", headers=ADMIN), 404, "PRODUCT_NOT_FOUND")
+    assert_envelope(await client.delete("/products/register", headers=ADMIN), 404, "PRODUCT_NOT_FOUND")
 
 
 async def test_trailing_slash_is_an_unknown_route_in_the_envelope(client: httpx.AsyncClient) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shlex
 import signal
+import sys
 
 import asyncpg
 import httpx
@@ -45,7 +47,8 @@ async def _audit(dsn: str, product_id: str, action: str) -> list[asyncpg.Record]
 
 
 async def test_pool_is_filled_hidden_and_claimed_without_a_boot(make_app: AppFactory, pg_dsn: str) -> None:
-    async with make_app() as (app, client):
+    other = shlex.join((sys.executable, "-m", "bap_engine.refengine"))  # a second known version, "other"
+    async with make_app(engine_commands={"other": other}) as (app, client):
         lc = lifecycle_of(app)
         product_id, key = await register_product(client, {"warm_pool": 2})
         worker = PoolWorker(lc, app.state.settings)

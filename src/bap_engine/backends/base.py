@@ -72,7 +72,7 @@ class EngineSpec:
     engine_id: str
     product_id: str
     port: int  # host port (127.0.0.1) the engine is reachable on
-    image: str  # image tag (docker, kubernetes); informational for subprocess
+    image: str  # the engine version: image tag (docker, kubernetes); subprocess: picks the command
     env: Mapping[str, str] = field(default_factory=dict)  # ENGINE_KEY_HASH, ... (secret: never log)
     labels: Mapping[str, str] = field(default_factory=dict)
     cpus: float | None = None
@@ -141,6 +141,11 @@ class EngineBackend(Protocol):
 
     async def list_managed(self) -> list[Observed]:
         """Every engine of this deployment the runtime holds (one list call)."""
+        ...
+
+    async def has_version(self, version: str) -> bool:
+        """Whether engines of this `engine_version` (an image; a configured command for subprocess) can be
+        created here. Checked before anything is created, so an unknown version is refused up front."""
         ...
 
     async def ping(self) -> None:

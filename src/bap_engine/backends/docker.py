@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import functools
 import math
+import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ _ENGINE_PORT = 8000
 _DATA_DIR = "/data"
 _CATALOG_DIR = "/catalog"
 _THREADS = 32
+_IMAGE_CACHE_S = 30.0  # how long has_version trusts that an image it found is still there
 _PORT_TAKEN = ("port is already allocated", "address already in use")
 _STATES = {
     "running": ObservedState.RUNNING,
@@ -159,11 +161,31 @@ class DockerBackend:
             max_pool_size=_THREADS,
         )
         self._executor = ThreadPoolExecutor(max_workers=_THREADS, thread_name_prefix="bap-docker")
+        self._known_images: dict[str, float] = {}  # image → monotonic time it was last seen locally
 
     async def _run(self, fn: Callable[..., _T], *args: object, **kwargs: object) -> _T:
         """Run one blocking SDK call on the pool."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+
+    async def has_version(self, version: str) -> bool:
+        """The image exists in the local daemon (never pulled). A positive answer is cached for
+        _IMAGE_CACHE_S, so a burst of provisions asks once. Raises BackendError (daemon unreachable)."""
+        seen = self._known_images.get(version)
+        if seen is not None and time.monotonic() - seen < _IMAGE_CACHE_S:
+            return True
+        try:
+            with _translate(image=version):
+                await self._run(self._client.images.get, version)
+        except ImageNotFound:
+            self._known_images.pop(version, None)
+            return False
+        except BackendError as exc:
+            if isinstance(exc.__cause__, docker.errors.NotFound):
+                return False
+            raise
+        self._known_images[version] = time.monotonic()
+        return True
 
     async def ping(self) -> None:
         """Check that the daemon answers. Raises BackendError (transient) naming the daemon URL."""

@@ -3,9 +3,11 @@
 Owns `data_dir/engines/<engine_id>/`, the engine's data directory (its `/data`), which
 holds `engine.log` and `.bap-process.json`: the record of the spec (env included, so the
 file is 0600) and of the running pid plus its /proc starttime, which guards against pid
-reuse. Engines run in their own session, so they outlive an orchestrator restart; a new
+reuse. The record's `image` is the engine's version: it runs that version's command
+(`SubprocessConfig.commands`; `command` without one), so a stopped engine restarts on its
+own version. Engines run in their own session, so they outlive an orchestrator restart; a new
 backend re-attaches through the record files. pause/resume are SIGSTOP/SIGCONT on the
-process group. cpus/memory and the image are informational here (not enforced).
+process group. cpus/memory are informational here (not enforced).
 
 It never reads configuration from the environment: only the basic variables named in
 `SubprocessConfig.inherit_env` (PATH, HOME, LANG, ...) are forwarded to engines, never
@@ -27,7 +29,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -56,6 +58,8 @@ class SubprocessConfig:
     command: tuple[str, ...]
     deployment: str
     host: str = "127.0.0.1"
+    # version (the spec's image) → command; empty: every version runs `command`
+    commands: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     inherit_env: tuple[str, ...] = _BASE_ENV  # names copied from the orchestrator's env, if set
 
 
@@ -184,6 +188,10 @@ class SubprocessBackend:
         self._config = config
         self._children: dict[str, subprocess.Popen[bytes]] = {}
 
+    def command_for(self, version: str) -> tuple[str, ...]:
+        """The command line of an engine version (`command` for one without its own)."""
+        return self._config.commands.get(version) or self._config.command
+
     def _dir(self, engine_id: str) -> Path:
         if not _ENGINE_ID.match(engine_id) or engine_id in (".", ".."):
             raise base.BackendError(f"invalid engine id for the subprocess backend: {engine_id!r}")
@@ -223,7 +231,7 @@ class SubprocessBackend:
         directory = self._dir(engine_id)
         port = int(str(record["port"]))
         env = self._env(engine_id, directory, port, _str_map(record.get("env")))
-        command = self._config.command
+        command = self.command_for(str(record.get("image") or ""))
         if shutil.which(command[0], path=env.get("PATH", os.defpath)) is None:
             raise base.ImageNotFound(command[0])
         if not _port_free(self._config.host, port):
@@ -396,6 +404,10 @@ class SubprocessBackend:
                 if record is not None and record.get("deployment") == self._config.deployment:
                     found.append((entry.name, record))
         return found
+
+    async def has_version(self, version: str) -> bool:
+        """A version is one of the configured commands (without any, every version runs `command`)."""
+        return not self._config.commands or version in self._config.commands
 
     async def ping(self) -> None:
         """The data directory exists or can be made (a bad engine command fails its provision)."""

@@ -29,6 +29,7 @@ from bap_engine.errors import (
     EngineNotRunning,
     PortExhaustion,
     QuotaExceeded,
+    ValidationFailed,
 )
 from bap_engine.keys import KeySealer, hash_key, new_engine_key
 from bap_engine.lifecycle import boot
@@ -40,7 +41,7 @@ from bap_engine.lifecycle.views import EngineView, view
 from bap_engine.registry import EngineRow, ProductRow
 from bap_engine.states import AuditAction, EngineState
 
-__all__ = ["Lifecycle", "now", "use_pool"]
+__all__ = ["Lifecycle", "check_version", "now", "use_pool"]
 
 S = EngineState
 A = AuditAction
@@ -51,6 +52,13 @@ def use_pool(product: ProductRow) -> bool:
     """Whether provisions of this product look for a warm engine first."""
     size = product.policy.get("warm_pool")
     return isinstance(size, int) and size > 0
+
+
+async def check_version(backend: EngineBackend, version: str) -> None:
+    """Raises ValidationFailed naming an `engine_version` the backend does not know, BackendFailed
+    when the backend cannot tell (its daemon is unreachable)."""
+    if not await boot.backend_call(backend.has_version(version), "look up the version of"):
+        raise ValidationFailed(f"unknown engine_version {version!r}: the {backend.name} backend does not have it")
 
 
 class Lifecycle:
@@ -89,6 +97,12 @@ class Lifecycle:
             raise EngineNotFound()
         return view(row, self.key_of(row))
 
+    # ---- versions ------------------------------------------------------------------------
+    async def check_version(self, version: str) -> None:
+        """Refuse an `engine_version` the backend cannot run (before anything is created).
+        Raises ValidationFailed naming it, BackendFailed when the backend cannot tell."""
+        await check_version(self.backend, version)
+
     # ---- provision -----------------------------------------------------------------------
     async def provision(
         self, product: ProductRow, user_id: str, engine_version: str | None = None, *,
@@ -99,9 +113,10 @@ class Lifecycle:
         With reuse_existing an existing row is returned as is (key None) instead of
         raising EngineAlreadyExists. A product with a warm pool hands over a ready pool engine of
         the version when it has one (no boot; the pool counts in max_engines already). Raises
-        QuotaExceeded, PortExhaustion, BootTimeout, BackendFailed."""
+        ValidationFailed (unknown version), QuotaExceeded, PortExhaustion, BootTimeout, BackendFailed."""
         key = new_engine_key()
         version = engine_version or self.settings.engine_image
+        await self.check_version(version)
         async with self.pool.acquire() as conn, conn.transaction():
             await registry.lock_product(conn, product.id)
             existing = await registry.get_engine(conn, product.id, user_id)

@@ -68,6 +68,11 @@ class KubernetesBackend:
     def config(self) -> KubernetesConfig:
         return self._config
 
+    async def has_version(self, version: str) -> bool:
+        """Always True: which images the cluster's nodes can pull is not knowable from here (registry
+        credentials, node caches); an unpullable image surfaces as a failed boot instead."""
+        return True
+
     async def ping(self) -> None:
         """Check the API answers (startup). Raises BackendError("Kubernetes API unreachable: ...")."""
         await self._api.ping()
