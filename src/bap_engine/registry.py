@@ -73,6 +73,7 @@ class EngineRow:
     idle_sleep: str = "auto"  # "never" exempts the engine from idle sleep
     busy: bool = False  # the last probe said the engine works
     state_since: datetime | None = None
+    upgrade_to: str | None = None  # an upgrade in flight: the version it moves to
 
 
 _PRODUCT_COLS = "id, slug, display_name, policy, created_at"

@@ -40,6 +40,7 @@ class AuditAction(enum.StrEnum):
     SETTINGS_UPDATE = "settings_update"
     PRODUCT_DELETE = "product_delete"
     PLATFORM_KEY_ROTATE = "platform_key_rotate"
+    UPGRADE = "upgrade"
 
 
 S = EngineState

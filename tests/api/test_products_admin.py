@@ -282,6 +282,13 @@ async def test_bad_rotation_bodies_are_400(client: httpx.AsyncClient, body: obje
     assert await pool_fetch_audit_count(client, product_id) == 0
 
 
+async def test_an_integral_float_overlap_is_an_integer(client: httpx.AsyncClient) -> None:
+    """JSON's 300.0 is the schema's integer 300 (as in a policy); 1.5 stays a 400."""
+    product_id, old = await register_product(client)
+    new = await _rotate(client, product_id, {"overlap_seconds": 300.0})
+    assert await _works(client, old) and await _works(client, new)
+
+
 async def test_malformed_rotation_bodies_are_400(client: httpx.AsyncClient) -> None:
     product_id, key = await register_product(client)
     for content, ctype in ((b"{not json", "application/json"), (b'{"overlap_seconds": 5}', "text/plain")):

@@ -21,6 +21,7 @@ import asyncpg
 import httpx
 from fastapi import FastAPI
 
+from bap_engine.config import DEFAULT_ENGINE_IMAGE
 from tests.api.route_table import RouteInfo, route_table
 from tests.conftest import ADMIN_KEY, assert_envelope, pk, pool_of, register_product
 
@@ -40,6 +41,7 @@ BODIES: dict[tuple[str, str], dict[str, object]] = {
     ("PUT", "/products/{product_id}/policy"): {"policy": {"max_engines": 0}},
     ("POST", "/products/{product_id}/rotate-platform-key"): {"overlap_seconds": 0},
     ("POST", "/engines/{user_id}/admit"): {},
+    ("POST", "/engines/{user_id}/upgrade"): {"engine_version": DEFAULT_ENGINE_IMAGE},  # a version the backend has
 }
 OWNER_USER = "owned-by-a"
 WRONG_PLATFORM_KEY = "pk-sept-" + uuid.uuid4().hex + uuid.uuid4().hex

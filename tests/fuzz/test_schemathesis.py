@@ -60,16 +60,18 @@ def st_command(server: Server, platform_key: str, config: Path) -> list[str]:
 
 def write_config(path: Path, decoy_product_id: str) -> Path:
     """schemathesis.toml: PUT /products/{product_id}/policy only ever targets the decoy product."""
-    # GET /usage refuses since >= until and windows over 400 days, GET /audit a parameter of the other
-    # key's form (the fuzzer sends both keys: the admin one wins): 400s no schema can state
+    # 400s no schema can state: GET /usage refuses since >= until and windows over 400 days, GET /audit a
+    # parameter of the other key's form (the fuzzer sends both keys: the admin one wins), and an
+    # engine_version the backend does not have (provision, upgrade, a policy's pinned version)
     cross_field = '"2xx", "3xx", "400", "401", "403", "404", "409", "429", "5xx"'
+    accept = f"checks.positive_data_acceptance.expected-statuses = [{cross_field}]\n"
     path.write_text(
         "[[operations]]\n"
         'include-path = "/products/{product_id}/policy"\n'
-        f'parameters = {{ product_id = "{decoy_product_id}" }}\n'
-        + "".join(f'\n[[operations]]\ninclude-path = "{p}"\n'
-                  f"checks.positive_data_acceptance.expected-statuses = [{cross_field}]\n"
-                  for p in ("/usage", "/audit"))
+        f'parameters = {{ product_id = "{decoy_product_id}" }}\n' + accept
+        + "".join(f'\n[[operations]]\ninclude-path = "{p}"\n' + accept
+                  for p in ("/usage", "/audit", "/engines/provision", "/engines/{user_id}/upgrade",
+                            "/products/register"))
     )
     return path
 

@@ -38,4 +38,4 @@ def test_states_and_actions_are_the_spec_names() -> None:
         "provision", "provision_failed", "start", "stop", "wake", "sleep", "destroy", "rotate_key", "health_check",
         "health_failed", "auto_restart_start", "auto_restart_success", "auto_restart_failed",
         "auto_restart_gave_up", "policy_register", "policy_update", "admit_denied", "reconcile",
-        "pool_fill", "pool_claim", "settings_update", "product_delete", "platform_key_rotate"}
+        "pool_fill", "pool_claim", "settings_update", "product_delete", "platform_key_rotate", "upgrade"}

@@ -15,7 +15,7 @@ from bap_engine.policy import Policy
 
 __all__ = [
     "USER_ID_PATTERN", "SLUG_PATTERN", "VERSION_PATTERN", "ProvisionBody", "AdmitBody", "RegisterBody", "PolicyBody",
-    "EngineSettingsBody",
+    "EngineSettingsBody", "UpgradeBody",
     "EngineOut", "EngineListItem", "AdmitOut", "ErrorOut", "iso",
 ]
 
@@ -83,6 +83,14 @@ class EngineSettingsBody(_Strict):
     idle_sleep: Literal["auto", "never"] = Field(
         description='"auto": put to sleep after ORCH_IDLE_SLEEP_AFTER_S without an admit (and not busy); '
                     '"never": kept awake (a sleeping engine stays asleep until admit wakes it)')
+
+
+class UpgradeBody(_Strict):
+    """POST /engines/{user_id}/upgrade: the version to run (one the backend knows)."""
+
+    model_config = _example({"engine_version": "v2"})
+
+    engine_version: str = Field(min_length=1, max_length=200, pattern=VERSION_PATTERN)
 
 
 class EngineOut(BaseModel):

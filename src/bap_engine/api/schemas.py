@@ -18,7 +18,7 @@ __all__ = [
     "AuditPageEventOut", "AuditAnyEventOut", "AuditAnyOut", "UsageFiguresOut", "UsageUserOut",
     "UsageOut",
     "WebhookSecretOut", "WebhookOut", "WebhookDeletedOut", "ProductDetailOut", "ProductDeletedOut",
-    "PlatformKeyOut",
+    "PlatformKeyOut", "UpgradeOut",
 ]
 
 
@@ -46,6 +46,15 @@ class StartOut(BaseModel):
 class StopOut(BaseModel):
     status: str
     engine_id: str
+
+
+class UpgradeOut(BaseModel):
+    engine_id: str
+    user_id: str
+    status: str
+    url: str | None
+    engine_version: str = Field(description="the version the engine runs now")
+    outcome: str = Field(description='"upgraded", or "rolled_back" (the new version did not become healthy)')
 
 
 class EngineListOut(BaseModel):
@@ -268,6 +277,8 @@ ENDPOINTS: dict[tuple[str, str], tuple[type[BaseModel] | None, Errors]] = {
     ("post", "/engines/{user_id}/start"): (StartOut, _errors(_ENGINE, _BOOTS, {409: ("ENGINE_ALREADY_RUNNING", BUSY)})),
     ("post", "/engines/{user_id}/stop"): (StopOut, _errors(_ENGINE, {409: ("ENGINE_NOT_RUNNING", BUSY),
                                                                       502: (BACKEND,)})),
+    ("post", "/engines/{user_id}/upgrade"): (UpgradeOut, _errors(_ENGINE, _BODY, {
+        409: ("ENGINE_NOT_RUNNING", BUSY), 502: (BACKEND,), 504: (BOOT,)})),
     ("post", "/engines/{user_id}/rotate-key"): (ProvisionOut, _errors(_ENGINE, {409: ("ENGINE_NOT_RUNNING", BUSY),
                                                                                 502: (BACKEND,)})),
     ("get", "/engines/{user_id}"): (EngineOut, _ENGINE),

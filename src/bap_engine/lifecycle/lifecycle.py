@@ -34,6 +34,7 @@ from bap_engine.errors import (
 from bap_engine.keys import KeySealer, hash_key, new_engine_key
 from bap_engine.lifecycle import boot
 from bap_engine.lifecycle import pool as warm
+from bap_engine.lifecycle import upgrade as upgrades
 from bap_engine.lifecycle.clock import now
 from bap_engine.lifecycle.probe import push_key
 from bap_engine.lifecycle.transition import Audit, Change, Claim, Transitions
@@ -223,6 +224,14 @@ class Lifecycle:
                 return Change(restart_attempts=attempt + 1, next_restart_at=None), audits
 
             return await boot.bring_up(self, claim, A.AUTO_RESTART_SUCCESS, "system", {"attempt": attempt}, failure)
+
+    # ---- upgrade ---------------------------------------------------------------------------
+    async def upgrade(self, product: ProductRow, user_id: str, engine_version: str, *,
+                      actor: str) -> tuple[EngineRow, str]:
+        """Replace the engine's runtime with `engine_version`, keeping data, key, URL and id (see
+        upgrade.py). Returns (row, "upgraded" | "rolled_back"). Raises ValidationFailed, EngineNotFound,
+        EngineBusy, EngineNotRunning, BootTimeout, BackendFailed."""
+        return await upgrades.upgrade(self, product, user_id, engine_version, actor=actor)
 
     # ---- stop / sleep / fail -------------------------------------------------------------
     async def stop(self, product: ProductRow, user_id: str, *, actor: str) -> EngineRow:

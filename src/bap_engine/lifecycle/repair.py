@@ -10,7 +10,7 @@ from __future__ import annotations
 from bap_engine import audit
 from bap_engine.backends.base import BackendError, Observed, ObservedState
 from bap_engine.errors import BackendFailed
-from bap_engine.lifecycle import pool
+from bap_engine.lifecycle import pool, upgrade
 from bap_engine.lifecycle.clock import now
 from bap_engine.lifecycle.lifecycle import Lifecycle
 from bap_engine.lifecycle.probe import probe_health
@@ -57,6 +57,8 @@ async def _finish(lc: Lifecycle, claim: Claim, op: str) -> str:
         await claim.delete(Audit(A.PROVISION_FAILED, {"error": "ORCHESTRATOR_CRASH", "by": "reconcile"}),
                            _reconcile(found, "engine and row removed"))
         return "removed"
+    if c.upgrade_to is not None:  # an upgrade (or the reconciler's own repair of one) was cut short
+        return await upgrade.finish(lc, claim, found)
     if op == pool.CLAIM_OP and c.pending_key_enc is not None and c.status == S.RUNNING:
         return await pool.finish_claim(lc, claim, found)
     if c.pending_key_enc is not None and c.status == S.RUNNING:

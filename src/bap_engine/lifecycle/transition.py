@@ -69,6 +69,8 @@ class Change:
     api_key_hash: str | _Unset = UNSET
     engine_key_enc: str | _Unset = UNSET
     pending_key_enc: str | None | _Unset = UNSET
+    engine_version: str | _Unset = UNSET
+    upgrade_to: str | None | _Unset = UNSET
 
     def values(self) -> dict[str, object]:
         return {f.name: v for f in fields(self) if (v := getattr(self, f.name)) is not UNSET}
@@ -234,13 +236,14 @@ class Transitions:
         crashpoint("claimed", op)
         return Claim(self, row, op)
 
-    async def claim_user(self, product_id: str, user_id: str, op: str) -> Claim:
-        """Claim a product's user's engine. Raises EngineNotFound, EngineBusy."""
+    async def claim_user(self, product_id: str, user_id: str, op: str, *, ttl_s: float | None = None) -> Claim:
+        """Claim a product's user's engine (for `ttl_s`, by default the op TTL). Raises EngineNotFound,
+        EngineBusy."""
         async with self.pool.acquire() as conn:
             row = await registry.get_engine(conn, product_id, user_id)
             if row is None:
                 raise EngineNotFound()
-            claimed = await registry.claim_op(conn, row.id, op, self.owner_id, self.op_ttl_s)
+            claimed = await registry.claim_op(conn, row.id, op, self.owner_id, ttl_s or self.op_ttl_s)
         if claimed is None:
             raise EngineBusy()
         crashpoint("claimed", op)

@@ -6,7 +6,7 @@ import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Body
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from bap_engine.api.deps import AdminDep, FleetDep, LifecycleDep, ProductIdDep
 from bap_engine.api.models import ErrorOut, PolicyBody, RegisterBody, iso
@@ -28,6 +28,12 @@ class RotatePlatformKeyBody(BaseModel):
 
     overlap_seconds: int = Field(default=0, ge=0, le=MAX_KEY_OVERLAP_S,
                                  description="how long the replaced key keeps working (0: refused at once)")
+
+    @field_validator("overlap_seconds", mode="before")
+    @classmethod
+    def _whole(cls, value: object) -> object:
+        # JSON (and the documented schema's `integer`) does not tell 300 from 300.0; 1.5 stays refused
+        return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
 @router.post("/products/register", responses=_ERRORS)

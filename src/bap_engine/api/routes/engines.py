@@ -7,7 +7,16 @@ from fastapi import APIRouter, Request
 from pydantic import ValidationError
 
 from bap_engine.api.deps import DiscoveryDep, LifecycleDep, PlatformKeyDep, ProductDep, UserIdDep, check_user_id
-from bap_engine.api.models import AdmitBody, AdmitOut, EngineOut, EngineSettingsBody, ErrorOut, ProvisionBody, iso
+from bap_engine.api.models import (
+    AdmitBody,
+    AdmitOut,
+    EngineOut,
+    EngineSettingsBody,
+    ErrorOut,
+    ProvisionBody,
+    UpgradeBody,
+    iso,
+)
 from bap_engine.api.responses import JSON
 from bap_engine.discovery import Discovery
 from bap_engine.errors import InvalidPlatformKey, ValidationFailed
@@ -70,6 +79,15 @@ async def rotate_key(user_id: UserIdDep, product: ProductDep, lifecycle: Lifecyc
     row, key = await lifecycle.rotate_key(product, user_id, actor=product.slug)
     return JSON({"engine_id": row.id, "user_id": row.user_id, "status": str(row.status),
                            "url": row.url, "api_key": key})
+
+
+@router.post("/engines/{user_id}/upgrade", responses=_ERRORS)
+async def upgrade(body: UpgradeBody, user_id: UserIdDep, product: ProductDep, lifecycle: LifecycleDep) -> JSON:
+    """Run the engine on another version, keeping its data, key, URL and id; waits until healthy, else
+    puts it back on its previous version (`outcome: "rolled_back"`). A stopped or sleeping engine stays so."""
+    row, outcome = await lifecycle.upgrade(product, user_id, body.engine_version, actor=product.slug)
+    return JSON({"engine_id": row.id, "user_id": row.user_id, "status": str(row.status), "url": row.url,
+                 "engine_version": row.engine_version, "outcome": outcome})
 
 
 @router.get("/engines/{user_id}", response_model=EngineOut, responses=_ERRORS)
