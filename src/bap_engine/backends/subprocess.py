@@ -107,8 +107,10 @@ def _adopt_spawned(directory: Path, record: _Record | None) -> _Record | None:
     if record is None or not record.get("spawning") or record.get("pid") is not None:
         return record
     since = datetime.fromisoformat(str(record["spawning"]))
-    if (datetime.now(UTC) - since).total_seconds() < _SPAWN_GRACE_S:
-        return record  # a spawn in flight in this process: it writes the pid itself
+    spawner = record.get("spawner")
+    spawner_alive = not isinstance(spawner, int) or _proc_stat(spawner) is not None
+    if spawner_alive and (datetime.now(UTC) - since).total_seconds() < _SPAWN_GRACE_S:
+        return record  # a spawn in flight: its process writes the pid itself (a dead spawner never will)
     needle = f"BAP_ENGINE_ID={record.get('engine_id')}".encode()
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
@@ -119,6 +121,7 @@ def _adopt_spawned(directory: Path, record: _Record | None) -> _Record | None:
                 record.update(pid=int(entry.name), starttime=stat[1] if stat else None)
                 break
     record.pop("spawning", None)
+    record.pop("spawner", None)
     with contextlib.suppress(OSError):
         _write_record(directory / RECORD_NAME, record)
     return record
@@ -236,7 +239,7 @@ class SubprocessBackend:
             raise base.ImageNotFound(command[0])
         if not _port_free(self._config.host, port):
             raise base.PortInUse(port)
-        record.update(pid=None, starttime=None, spawning=_now())
+        record.update(pid=None, starttime=None, spawning=_now(), spawner=os.getpid())
         _write_record(directory / RECORD_NAME, record)  # a crash before the pid is recorded is adopted later
         log_fd = os.open(directory / LOG_NAME, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
@@ -257,6 +260,7 @@ class SubprocessBackend:
         stat = _proc_stat(child.pid)
         record.update(pid=child.pid, starttime=stat[1] if stat else None, started_at=_now())
         record.pop("spawning", None)
+        record.pop("spawner", None)
         try:
             _write_record(directory / RECORD_NAME, record)
         except BaseException:
