@@ -8,15 +8,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 import asyncpg
+import orjson
 
 from bap_engine.states import AuditAction
 
 __all__ = [
     "AuditRow", "Denial", "ActionTotal", "AuditTotals", "COUNTED_ACTIONS", "write", "write_many", "add_denials",
-    "metrics", "recent", "totals", "page", "state_seconds",
+    "metrics", "recent", "totals", "NOT_EVENTS", "iso_z", "event_json", "page", "state_seconds",
 ]
 
 
@@ -66,6 +67,27 @@ class ActionTotal:
 class AuditTotals:
     actions: list[ActionTotal]
     denials: list[tuple[str, str, int]]  # (product id, reason, all-time count)
+
+
+# Audit rows that are not lifecycle events: neither GET /events nor a webhook carries them (the
+# NOTIFY trigger of migration 0004 names the same two).
+NOT_EVENTS: tuple[str, ...] = ("health_check", "admit_denied")
+
+
+def iso_z(ts: datetime | None) -> str | None:
+    """ISO-8601 UTC with a Z suffix, milliseconds: every timestamp the API and the events show."""
+    if ts is None:
+        return None
+    if ts.tzinfo is not None:  # naive values are already UTC (asyncpg returns aware UTC)
+        ts = ts.astimezone(UTC).replace(tzinfo=None)
+    return ts.isoformat(timespec="milliseconds") + "Z"
+
+
+def event_json(id: int, timestamp: datetime, action: str, user_id: str | None, engine_id: str | None,
+               actor: str, metadata: dict[str, object]) -> bytes:
+    """An event's JSON, the same bytes as an SSE frame's `data` and as a webhook's signed body."""
+    return orjson.dumps({"id": id, "timestamp": iso_z(timestamp), "action": action, "user_id": user_id,
+                         "engine_id": engine_id, "actor": actor, "metadata": metadata})
 
 
 _INSERT = (

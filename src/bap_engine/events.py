@@ -51,12 +51,14 @@ from datetime import datetime
 
 import asyncpg
 
+from bap_engine.audit import NOT_EVENTS, event_json
+
 __all__ = ["EventHub", "Event", "Subscription", "CHANNEL", "HIDDEN_ACTIONS", "QUEUE_MAX"]
 
 log = logging.getLogger("bap_engine.events")
 
 CHANNEL = "bap_events"
-HIDDEN_ACTIONS = ("health_check", "admit_denied")  # audit rows that are not events
+HIDDEN_ACTIONS = NOT_EVENTS  # audit rows that are not events
 QUEUE_MAX = 10_000  # events queued for one subscriber before it is closed
 _PAGE = 1000  # rows per hub read
 _HISTORY_PAGE = 500  # rows per history read of one consumer
@@ -92,6 +94,11 @@ class Event:
     actor: str
     metadata: dict[str, object]
     frame: bytes | None = None
+
+    def json(self) -> bytes:
+        """The event's JSON: an SSE frame's `data`, the same bytes a webhook signs."""
+        return event_json(self.id, self.timestamp, self.action, self.user_id, self.engine_id, self.actor,
+                          self.metadata)
 
 
 def _event(r: asyncpg.Record) -> Event:

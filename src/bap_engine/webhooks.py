@@ -29,12 +29,12 @@ import hmac
 import re
 import secrets
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Protocol
 
 import asyncpg
-import orjson
 
+from bap_engine.audit import NOT_EVENTS, event_json, iso_z
 from bap_engine.errors import ProductNotFound, ValidationFailed, WebhookNotFound
 from bap_engine.keys import KeySealer
 from bap_engine.logs import register_secrets
@@ -49,7 +49,7 @@ SIGNATURE_VERSION = "v1"
 MAX_URL = 2000
 PENDING_CAP = 10_000  # GET reports "at least" this many pending events beyond it
 # What GET /events leaves out (and the NOTIFY trigger of migration 0004 too): never delivered.
-HIDDEN_ACTIONS: tuple[str, ...] = ("health_check", "admit_denied")
+HIDDEN_ACTIONS = NOT_EVENTS  # the same events as GET /events
 _HIDDEN = list(HIDDEN_ACTIONS)
 # A receiver's URL, written so that JSON Schema (ECMA-262), pydantic (Rust regex) and Python's `re` read
 # it alike (as api/models.py's patterns): the document says exactly what the server accepts. A host is a
@@ -88,15 +88,6 @@ def sign(secret: str, timestamp: str, body: bytes) -> str:
     return f"{SIGNATURE_VERSION}={mac.hexdigest()}"
 
 
-def iso_z(ts: datetime | None) -> str | None:
-    """ISO-8601 UTC with a Z suffix, milliseconds (as the API's timestamps)."""
-    if ts is None:
-        return None
-    if ts.tzinfo is not None:
-        ts = ts.astimezone(UTC).replace(tzinfo=None)
-    return ts.isoformat(timespec="milliseconds") + "Z"
-
-
 def check_url(url: str) -> str:
     """The URL if it matches URL_PATTERN (http or https, a host, an optional port up to 65535, no
     whitespace nor control character) and has at most MAX_URL characters. Raises ValidationFailed
@@ -123,9 +114,8 @@ class Event:
 
     def body(self) -> bytes:
         """The exact bytes POSTed (and signed)."""
-        return orjson.dumps({"id": self.id, "timestamp": iso_z(self.timestamp), "action": self.action,
-                             "user_id": self.user_id, "engine_id": self.engine_id, "actor": self.actor,
-                             "metadata": self.metadata})
+        return event_json(self.id, self.timestamp, self.action, self.user_id, self.engine_id, self.actor,
+                          self.metadata)
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,14 +22,12 @@ import time
 from collections.abc import AsyncIterator
 from typing import Annotated, get_args
 
-import orjson
 from fastapi import APIRouter, Header, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from bap_engine.api.deps import EventsDep, ProductDep
-from bap_engine.api.models import iso
 from bap_engine.api.params import MAX_QUERY_INT, QueryInt
 from bap_engine.events import Event, EventHub, Subscription
 
@@ -62,9 +60,7 @@ class EventsQuery(BaseModel):
 def sse_frame(event: Event) -> bytes:
     """The event's SSE frame, encoded once however many consumers receive it."""
     if event.frame is None:
-        data = orjson.dumps({"id": event.id, "timestamp": iso(event.timestamp), "action": event.action,
-                             "user_id": event.user_id, "engine_id": event.engine_id, "actor": event.actor,
-                             "metadata": event.metadata})
+        data = event.json()
         name = event.action.replace("\r", " ").replace("\n", " ").encode()
         event.frame = b"id: %d\nevent: %s\ndata: %s\n\n" % (event.id, name, data)
     return event.frame
